@@ -1,0 +1,47 @@
+# Two commands a new user needs: `make serve` and `make test`. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.9
+
+.PHONY: install serve test lint typecheck unit integration bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip sync --quiet --python $(PY) requirements.lock requirements-dev.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+# Starts coordinator, workers and frontends under supervisord with the demo model.
+serve: install
+	$(VENV)/bin/model-server serve --demo
+
+test: install lint
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest -q --ignore=tests/integration
+
+integration: install
+	$(PY) -m pytest -q tests/integration
+
+bench: install
+	$(PY) -m bench.run
+
+# Re-resolve the pinned versions (needs the network).
+lock:
+	$(UV) pip compile --quiet --python-version 3.11 requirements.in -o requirements.lock
+	$(UV) pip compile --quiet --python-version 3.11 requirements-dev.in -o requirements-dev.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The coordinator: owner of the model table, worker liveness and readiness."""

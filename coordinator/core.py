@@ -1,0 +1,636 @@
+"""The coordinator's logic: the one model table, worker liveness, loads and unloads.
+
+Sans-IO: methods take decoded messages and the current time, and append
+``(destination, message)`` pairs to ``outbox``; artifact fetches are queued in
+``fetches`` for the process shell to run on threads. Tests drive it directly.
+
+Destinations: ``("worker", index)``, ``("client", peer)``, ``("publish", None)``.
+
+A model's life: ``downloading`` (artifact being fetched) -> ``loading``
+(workers creating sessions) -> ``ready`` (at least one worker holds it) ->
+``unloading`` (no new requests; workers drop it once in-flight requests finish)
+-> removed. ``failed`` keeps the reason and the HTTP status that fits it; a new
+load retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ipc.messages import (
+    ClientEnsure,
+    ClientGet,
+    ClientIndex,
+    ClientLoad,
+    ClientReply,
+    ClientRequest,
+    ClientUnload,
+    Heartbeat,
+    LoadModel,
+    ModelConfig,
+    ModelEntry,
+    ModelLoaded,
+    ModelSchema,
+    ModelUnloaded,
+    RepositoryItem,
+    TableSnapshot,
+    UnloadModel,
+    WorkerGoodbye,
+    WorkerHello,
+    WorkerState,
+    WorkerToCoordinator,
+)
+from model_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+Destination = tuple[Literal["worker", "client", "publish"], Any]
+
+
+@dataclass
+class WorkerRecord:
+    index: int
+    pid: int
+    peer: bytes
+    endpoint: str
+    device: str
+    alive: bool = True
+    last_seen: float = 0.0
+    inflight: int = 0
+    rss_bytes: int = 0
+    models: set[Key] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+    restarts: int = 0
+    max_models: int = 0
+    max_bytes: int = 0
+
+
+@dataclass
+class LoadJob:
+    """A load in progress: who waits for it and which workers were asked."""
+
+    started: float
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # (client peer, req)
+    asked: set[int] = field(default_factory=set)
+    failures: dict[int, tuple[str, int]] = field(default_factory=dict)
+    fetching: bool = True
+
+
+@dataclass
+class UnloadJob:
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)
+    asked: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Resolve and verify an artifact (run by the shell in a thread)."""
+
+    key: Key
+    registry_uri: str | None
+
+
+class CoordinatorCore:
+    def __init__(self, settings: Settings, clock: Any = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.models: dict[Key, ModelEntry] = {}
+        self.workers: dict[int, WorkerRecord] = {}
+        self.loads: dict[Key, LoadJob] = {}
+        self.unloads: dict[Key, UnloadJob] = {}
+        self.outbox: list[tuple[Destination, Any]] = []
+        self.fetches: list[Fetch] = []
+        self.epoch = 0
+        self.draining = False
+        self.load_failures = 0
+        self.evictions = 0
+        self._dirty = True
+        self._last_publish = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def _send_worker(self, index: int, message: Any) -> None:
+        self.outbox.append((("worker", index), message))
+
+    def _reply(self, peer: bytes, message: ClientReply) -> None:
+        self.outbox.append((("client", peer), message))
+
+    def _changed(self) -> None:
+        self._dirty = True
+
+    def alive_workers(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.alive]
+
+    def entry_out(self, entry: ModelEntry) -> ModelEntry:
+        """The entry as clients see it: only live workers listed."""
+        entry.workers = sorted(i for i in entry.workers if i in self.workers and self.workers[i].alive)
+        return entry
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons: list[str] = []
+        if self.draining:
+            reasons.append("server is draining")
+        if not self.alive_workers():
+            reasons.append("no worker is alive")
+        for key, entry in sorted(self.models.items()):
+            if entry.config.startup and (entry.state != "ready" or not self.entry_out(entry).workers):
+                detail = f" ({entry.reason})" if entry.reason else ""
+                reasons.append(f"start-up model {key[0]}:{key[1]} is {entry.state}{detail}")
+        return (not reasons, reasons)
+
+    def snapshot(self) -> TableSnapshot:
+        ready, reasons = self.readiness()
+        return TableSnapshot(
+            epoch=self.epoch,
+            ready=ready,
+            reasons=reasons,
+            draining=self.draining,
+            models=[self.entry_out(e) for _, e in sorted(self.models.items())],
+            workers=[
+                WorkerState(
+                    index=w.index,
+                    pid=w.pid,
+                    endpoint=w.endpoint,
+                    device=w.device,
+                    alive=w.alive,
+                    inflight=w.inflight,
+                    models=[[k[0], k[1]] for k in sorted(w.models)],
+                    rss_bytes=w.rss_bytes,
+                    started_at=w.started_at,
+                    restarts=w.restarts,
+                )
+                for _, w in sorted(self.workers.items())
+            ],
+            sent_at=time.time(),
+        )
+
+    def publish_if_due(self, now: float, force: bool = False) -> None:
+        """Publish on change, and at least once per heartbeat interval for late subscribers."""
+        if force or self._dirty or now - self._last_publish >= self.settings.heartbeat_interval_s:
+            if self._dirty:
+                self.epoch += 1
+            self._dirty = False
+            self._last_publish = now
+            self.outbox.append((("publish", None), self.snapshot()))
+
+    def replicas_for(self, entry: ModelEntry) -> int:
+        return entry.config.replicas or self.settings.model_replicas
+
+    def _targets(self, entry: ModelEntry) -> list[int]:
+        """Workers that should load ``entry``: all alive, or the least loaded ``replicas``."""
+        alive = self.alive_workers()
+        want = self.replicas_for(entry)
+        if not want or want >= len(alive):
+            return [w.index for w in alive]
+        holders = set(entry.workers)
+        missing = want - len(holders & {w.index for w in alive})
+        candidates = sorted(
+            (w for w in alive if w.index not in holders),
+            key=lambda w: (len(w.models), w.rss_bytes, w.index),
+        )
+        return [w.index for w in candidates[: max(0, missing)]]
+
+    def _load_message(self, entry: ModelEntry) -> LoadModel:
+        assert entry.schema is not None
+        return LoadModel(entry.model_id, entry.version, entry.path, entry.config, entry.schema)
+
+    # ------------------------------------------------------------------ clients
+    def handle_client(self, peer: bytes, msg: ClientRequest) -> None:
+        if isinstance(msg, ClientGet):
+            self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
+        elif isinstance(msg, ClientLoad):
+            self._client_load(peer, msg)
+        elif isinstance(msg, ClientUnload):
+            self._client_unload(peer, msg)
+        elif isinstance(msg, ClientEnsure):
+            self._client_ensure(peer, msg)
+        elif isinstance(msg, ClientIndex):
+            self._client_index(peer, msg)
+
+    def request_load(
+        self,
+        model_id: str,
+        version: str,
+        registry_uri: str | None,
+        config: ModelConfig,
+        waiter: tuple[bytes, int] | None = None,
+    ) -> None:
+        """Start (or join) a load; ``waiter`` gets the answer when it ends."""
+        key = (model_id, version)
+        entry = self.models.get(key)
+        if entry is not None:
+            if entry.state == "unloading":
+                if waiter:
+                    self._reply(
+                        waiter[0],
+                        ClientReply(
+                            waiter[1], 409, f"model {model_id}:{version} is being unloaded", "conflict"
+                        ),
+                    )
+                return
+            if entry.state == "ready":
+                if config.startup and not entry.config.startup:
+                    entry.config.startup = True
+                    self._changed()
+                if waiter:
+                    self._reply(waiter[0], ClientReply(waiter[1], 200, entry=self.entry_out(entry)))
+                return
+            if key in self.loads:  # downloading or loading: share it
+                if waiter:
+                    self.loads[key].waiters.append(waiter)
+                return
+        # New load, or a retry of a failed one.
+        self.models[key] = ModelEntry(
+            model_id=model_id,
+            version=version,
+            state="loading",
+            registry_uri=registry_uri or "",
+            config=config,
+        )
+        job = LoadJob(started=self.clock())
+        if waiter:
+            job.waiters.append(waiter)
+        self.loads[key] = job
+        self.fetches.append(Fetch(key, registry_uri))
+        self._changed()
+        log.info("loading %s:%s from %s", model_id, version, registry_uri or "the default source")
+
+    def _client_load(self, peer: bytes, msg: ClientLoad) -> None:
+        if self.draining:
+            self._reply(peer, ClientReply(msg.req, 503, "server is draining", "unavailable"))
+            return
+        self.request_load(msg.model_id, msg.version, msg.registry_uri, msg.config, (peer, msg.req))
+
+    def _client_unload(self, peer: bytes, msg: ClientUnload) -> None:
+        key = (msg.model_id, msg.version)
+        entry = self.models.get(key)
+        if entry is None:
+            self._reply(
+                peer,
+                ClientReply(
+                    msg.req, 404, f"model {msg.model_id}:{msg.version} is not loaded", "model_not_found"
+                ),
+            )
+            return
+        self.start_unload(key, (peer, msg.req))
+
+    def start_unload(self, key: Key, waiter: tuple[bytes, int] | None = None) -> None:
+        entry = self.models[key]
+        job = self.unloads.setdefault(key, UnloadJob())
+        if waiter:
+            job.waiters.append(waiter)
+        if entry.state == "unloading":
+            return
+        entry.state = "unloading"
+        load = self.loads.pop(key, None)
+        if load:
+            for peer, req in load.waiters:
+                self._reply(
+                    peer,
+                    ClientReply(req, 409, f"model {key[0]}:{key[1]} was unloaded while loading", "conflict"),
+                )
+        # Ask every live worker: one that is mid-load acks now and is told again when its load ends.
+        for worker in self.alive_workers():
+            job.asked.add(worker.index)
+            self._send_worker(worker.index, UnloadModel(key[0], key[1]))
+        self._changed()
+        self._maybe_finish_unload(key)
+
+    def _maybe_finish_unload(self, key: Key) -> None:
+        job = self.unloads.get(key)
+        if job is None or job.asked:
+            return
+        entry = self.models.pop(key, None)
+        del self.unloads[key]
+        for worker in self.workers.values():
+            worker.models.discard(key)
+        if entry is not None:
+            entry.workers = []
+            for peer, req in job.waiters:
+                self._reply(peer, ClientReply(req, 200, entry=entry))
+            log.info("unloaded %s:%s", key[0], key[1])
+        self._changed()
+
+    def _client_ensure(self, peer: bytes, msg: ClientEnsure) -> None:
+        """Bring back a ready model that LRU eviction removed from every worker."""
+        key = (msg.model_id, msg.version)
+        entry = self.models.get(key)
+        if entry is None:
+            self._reply(
+                peer,
+                ClientReply(
+                    msg.req, 404, f"model {msg.model_id}:{msg.version} is not loaded", "model_not_found"
+                ),
+            )
+            return
+        if self.entry_out(entry).workers and entry.state == "ready":
+            self._reply(peer, ClientReply(msg.req, 200, entry=entry))
+            return
+        if entry.state not in {"ready", "loading"} or entry.schema is None:
+            if key in self.loads:
+                self.loads[key].waiters.append((peer, msg.req))
+                return
+            self._reply(
+                peer,
+                ClientReply(msg.req, 503, f"model {key[0]}:{key[1]} is {entry.state}", "model_not_ready"),
+            )
+            return
+        job = self.loads.get(key)
+        if job is None:
+            job = self.loads[key] = LoadJob(started=self.clock(), fetching=False)
+        job.waiters.append((peer, msg.req))
+        alive = sorted(self.alive_workers(), key=lambda w: (w.inflight, len(w.models), w.index))
+        if not alive:
+            return  # a joining worker gets it; the load timeout bounds the wait
+        if not job.asked:
+            target = alive[0].index
+            job.asked.add(target)
+            self._send_worker(target, self._load_message(entry))
+
+    def _client_index(self, peer: bytes, msg: ClientIndex) -> None:
+        from loader.local import repository_index
+
+        items = {
+            key: RepositoryItem(name=key[0], version=key[1], state=_index_state(e.state), reason=e.reason)
+            for key, e in self.models.items()
+        }
+        for key in repository_index(self.settings.model_repository):
+            items.setdefault(
+                key, RepositoryItem(name=key[0], version=key[1], state="UNAVAILABLE", reason="unloaded")
+            )
+        self._reply(peer, ClientReply(msg.req, 200, index=[items[k] for k in sorted(items)]))
+
+    # ------------------------------------------------------------------ artifacts
+    def on_progress(self, key: Key, done: int, total: int, rate: float) -> None:
+        entry = self.models.get(key)
+        if entry is None or key not in self.loads:
+            return
+        entry.state = "downloading"
+        entry.progress = {
+            "bytes": float(done),
+            "total": float(total),
+            "percent": round(100.0 * done / total, 1) if total else 0.0,
+            "rate_bps": round(rate, 1),
+        }
+        self._changed()
+
+    def on_fetched(self, key: Key, path: str, sha256: str, size: int, schema: ModelSchema, uri: str) -> None:
+        entry = self.models.get(key)
+        job = self.loads.get(key)
+        if entry is None or job is None:
+            return  # unloaded while fetching
+        job.fetching = False
+        entry.state = "loading"
+        entry.path, entry.sha256, entry.size_bytes, entry.schema = path, sha256, size, schema
+        entry.registry_uri = uri
+        entry.progress = {}
+        for index in self._targets(entry):
+            job.asked.add(index)
+            self._send_worker(index, self._load_message(entry))
+        self._changed()
+
+    def on_fetch_failed(self, key: Key, status: int, message: str) -> None:
+        entry = self.models.get(key)
+        job = self.loads.pop(key, None)
+        if entry is None or job is None:
+            return
+        self._fail(entry, job, status, message)
+
+    def _fail(self, entry: ModelEntry, job: LoadJob, status: int, message: str) -> None:
+        entry.state = "failed"
+        entry.reason = message
+        entry.error_status = status
+        entry.progress = {}
+        self.load_failures += 1
+        log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
+        for peer, req in job.waiters:
+            self._reply(peer, ClientReply(req, status, message, "load_failed", entry=entry))
+        self._changed()
+
+    # ------------------------------------------------------------------ workers
+    def handle_worker(self, peer: bytes, msg: WorkerToCoordinator) -> None:
+        now = self.clock()
+        if isinstance(msg, WorkerHello):
+            self._register(peer, msg.index, msg.pid, msg.endpoint, msg.device, now)
+            worker = self.workers[msg.index]
+            worker.max_models, worker.max_bytes = msg.max_models, msg.max_bytes
+        elif isinstance(msg, Heartbeat):
+            worker = self._register(peer, msg.index, msg.pid, msg.endpoint, msg.device, now)
+            worker.inflight, worker.rss_bytes = msg.inflight, msg.rss_bytes
+            self._reconcile(worker, {(m[0], m[1]) for m in msg.models})
+        elif isinstance(msg, ModelLoaded):
+            self._on_loaded(msg)
+        elif isinstance(msg, ModelUnloaded):
+            self._on_unloaded(msg)
+        elif isinstance(msg, WorkerGoodbye):
+            leaving = self.workers.get(msg.index)
+            if leaving is not None and leaving.pid == msg.pid:
+                log.info("worker %d (pid %d) left: %s", msg.index, msg.pid, msg.reason)
+                self._mark_dead(leaving)
+
+    def _register(
+        self, peer: bytes, index: int, pid: int, endpoint: str, device: str, now: float
+    ) -> WorkerRecord:
+        worker = self.workers.get(index)
+        if worker is not None and worker.pid == pid:
+            worker.last_seen = now
+            worker.peer = peer
+            if not worker.alive:
+                worker.alive = True
+                log.info("worker %d is back", index)
+                self._replay(worker)
+                self._changed()
+            return worker
+        restarts = 0
+        if worker is not None:
+            restarts = worker.restarts + 1
+            log.info("worker %d restarted (pid %d -> %d)", index, worker.pid, pid)
+            self._mark_dead(worker)
+        else:
+            log.info("worker %d joined (pid %d, %s)", index, pid, device)
+        worker = WorkerRecord(index, pid, peer, endpoint, device, last_seen=now, restarts=restarts)
+        self.workers[index] = worker
+        self._replay(worker)
+        self._changed()
+        return worker
+
+    def _replay(self, worker: WorkerRecord) -> None:
+        """Bring a (re)joining worker to the current model set."""
+        for key, entry in sorted(self.models.items()):
+            if entry.state not in {"ready", "loading"} or entry.schema is None:
+                continue
+            if worker.index not in self._targets(entry):
+                continue
+            job = self.loads.get(key)
+            if job is not None:
+                job.asked.add(worker.index)
+            self._send_worker(worker.index, self._load_message(entry))
+
+    def _reconcile(self, worker: WorkerRecord, held: set[Key]) -> None:
+        """Heartbeats carry the worker's truth about its sessions; align the table with it."""
+        for key in held - worker.models:
+            entry = self.models.get(key)
+            if entry is None or entry.state == "unloading":
+                if key not in self.unloads:
+                    self._send_worker(worker.index, UnloadModel(key[0], key[1]))
+                continue
+            if key in self.loads and worker.index in self.loads[key].asked:
+                continue  # its ModelLoaded is on the way
+            worker.models.add(key)
+            if worker.index not in entry.workers:
+                entry.workers.append(worker.index)
+            self._changed()
+        for key in worker.models - held:
+            job = self.loads.get(key)
+            if job is not None and worker.index in job.asked:
+                continue
+            worker.models.discard(key)
+            entry = self.models.get(key)
+            if entry is not None and worker.index in entry.workers:
+                entry.workers.remove(worker.index)
+            self._changed()
+
+    def _on_loaded(self, msg: ModelLoaded) -> None:
+        key = (msg.model_id, msg.version)
+        worker = self.workers.get(msg.index)
+        for evicted in msg.evicted:
+            ekey = (evicted[0], evicted[1])
+            self.evictions += 1
+            if worker is not None:
+                worker.models.discard(ekey)
+            other = self.models.get(ekey)
+            if other is not None and msg.index in other.workers:
+                other.workers.remove(msg.index)
+            log.info("worker %d evicted %s:%s (LRU)", msg.index, ekey[0], ekey[1])
+        entry = self.models.get(key)
+        if entry is None or entry.state == "unloading":
+            if msg.ok:
+                self._send_worker(msg.index, UnloadModel(key[0], key[1]))
+            self._changed()
+            return
+        job = self.loads.get(key)
+        if job is not None:
+            job.asked.discard(msg.index)
+        if msg.ok:
+            if worker is not None:
+                worker.models.add(key)
+            if msg.index not in entry.workers:
+                entry.workers.append(msg.index)
+            entry.memory_bytes = max(entry.memory_bytes, msg.memory_bytes)
+            if entry.state != "ready":
+                entry.state = "ready"
+                entry.reason = ""
+                entry.error_status = 0
+                entry.loaded_at = time.time()
+                if job is not None:
+                    entry.load_ms = round((self.clock() - job.started) * 1000, 1)
+                log.info("model %s:%s ready on worker %d", key[0], key[1], msg.index)
+            if job is not None:
+                for peer, req in job.waiters:
+                    self._reply(peer, ClientReply(req, 200, entry=self.entry_out(entry)))
+                job.waiters.clear()
+                if not job.asked:
+                    del self.loads[key]
+        elif job is not None:
+            job.failures[msg.index] = (msg.error, msg.error_status or 500)
+            log.warning("worker %d could not load %s:%s: %s", msg.index, key[0], key[1], msg.error)
+            if not job.asked:
+                del self.loads[key]
+                if entry.state != "ready" or not self.entry_out(entry).workers:
+                    error, status = next(iter(job.failures.values()))
+                    self._fail(entry, job, status, error)
+        self._changed()
+
+    def _on_unloaded(self, msg: ModelUnloaded) -> None:
+        key = (msg.model_id, msg.version)
+        worker = self.workers.get(msg.index)
+        if worker is not None:
+            worker.models.discard(key)
+        entry = self.models.get(key)
+        if entry is not None and msg.index in entry.workers:
+            entry.workers.remove(msg.index)
+        job = self.unloads.get(key)
+        if job is not None:
+            job.asked.discard(msg.index)
+            self._maybe_finish_unload(key)
+        self._changed()
+
+    def _mark_dead(self, worker: WorkerRecord) -> None:
+        if not worker.alive:
+            return
+        worker.alive = False
+        for key in list(worker.models):
+            entry = self.models.get(key)
+            if entry is not None and worker.index in entry.workers:
+                entry.workers.remove(worker.index)
+        worker.models.clear()
+        for key in list(self.loads):
+            job = self.loads[key]
+            if worker.index in job.asked:
+                job.asked.discard(worker.index)
+                job.failures[worker.index] = (f"worker {worker.index} died while loading", 503)
+                if not job.asked and not job.fetching:
+                    entry = self.models[key]
+                    del self.loads[key]
+                    if entry.state != "ready":
+                        self._fail(entry, job, 503, f"worker {worker.index} died while loading")
+        for key in list(self.unloads):
+            self.unloads[key].asked.discard(worker.index)
+            self._maybe_finish_unload(key)
+        self._changed()
+
+    # ------------------------------------------------------------------ time
+    def tick(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        timeout = self.settings.heartbeat_timeout_s
+        for worker in self.alive_workers():
+            if now - worker.last_seen > timeout:
+                log.error(
+                    "worker %d (pid %d) silent for %.1f s: marking it dead", worker.index, worker.pid, timeout
+                )
+                self._mark_dead(worker)
+        for key in list(self.loads):
+            job = self.loads[key]
+            if now - job.started > self.settings.load_timeout_s:
+                del self.loads[key]
+                entry = self.models.get(key)
+                if entry is not None and entry.state != "ready":
+                    self._fail(
+                        entry,
+                        job,
+                        504,
+                        f"load did not finish within {self.settings.load_timeout_s:.0f} s "
+                        "(raise MODEL_SERVER_LOAD_TIMEOUT_S)",
+                    )
+                else:
+                    for peer, req in job.waiters:
+                        self._reply(
+                            peer, ClientReply(req, 504, "no worker could take the model in time", "timeout")
+                        )
+        self.publish_if_due(now)
+
+    def start_drain(self) -> None:
+        self.draining = True
+        self._changed()
+
+    def desired_models(self) -> list[dict[str, Any]]:
+        """What a restarted coordinator should load again (persisted by the shell)."""
+        return [
+            {
+                "model_id": e.model_id,
+                "version": e.version,
+                "registry_uri": e.registry_uri or None,
+                "config": e.config,
+            }
+            for e in self.models.values()
+            if e.state in {"ready", "loading", "downloading"}
+        ]
+
+
+def _index_state(state: str) -> str:
+    return {"ready": "READY", "loading": "LOADING", "downloading": "LOADING", "unloading": "UNLOADING"}.get(
+        state, "UNAVAILABLE"
+    )

@@ -1,0 +1,1 @@
+"""HTTP frontends: FastAPI on uvicorn, dispatching to workers through shared memory."""

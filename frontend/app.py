@@ -1,0 +1,68 @@
+"""The FastAPI application of one frontend process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from model_server import __version__
+from model_server.settings import Settings, get_settings
+
+from . import errors, v1
+from .middleware import RequestContextMiddleware
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+ONNX inference server. HTTP frontends write tensors into shared memory and
+dispatch them over ZeroMQ to worker processes pinned to GPUs or CPU cores; a
+coordinator owns the model table. Errors share one shape:
+`{"error": {"code", "message", "request_id", "details"}}` (`/v2`: `{"error": "..."}`).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = Service(settings)
+        app.state.service = service
+        await service.start()
+        log.info(
+            "frontend ready (arena %s, %d bytes)", service.dispatcher.arena.name, settings.shm_arena_bytes
+        )
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(
+        title="Model Server",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        openapi_url="/openapi.json",
+    )
+    errors.install(app)
+    app.include_router(v1.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Inference-Header-Content-Length", "Retry-After"],
+        )
+    # Outermost, so the request id is set for everything below, CORS included.
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_request_bytes, access_log=settings.access_log
+    )
+    return app

@@ -1,0 +1,193 @@
+"""The frontend's view of the coordinator: requests over a DEALER, the table over a SUB.
+
+The frontend keeps no truth of its own about models: it routes by the latest
+``TableSnapshot`` the coordinator published, and asks the coordinator for
+anything that changes the table (load, unload, ensure). Both sockets belong to
+the event loop of this frontend process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ipc import endpoints
+from ipc.messages import (
+    ClientEnsure,
+    ClientGet,
+    ClientIndex,
+    ClientLoad,
+    ClientReply,
+    ClientUnload,
+    ModelConfig,
+    ModelEntry,
+    TableSnapshot,
+    WorkerState,
+    client_inbound_decoder,
+    encode,
+    table_decoder,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+class CoordinatorUnavailable(Exception):
+    """No answer from the coordinator in time."""
+
+
+class Table:
+    """Indexes over one snapshot, rebuilt when a newer one arrives."""
+
+    def __init__(self, snapshot: TableSnapshot | None = None) -> None:
+        self.snapshot = snapshot
+        self.received_at = time.monotonic() if snapshot else 0.0
+        self.models: dict[Key, ModelEntry] = {}
+        self.latest: dict[str, ModelEntry] = {}
+        self.workers: dict[int, WorkerState] = {}
+        if snapshot is None:
+            return
+        for entry in snapshot.models:
+            self.models[(entry.model_id, entry.version)] = entry
+        for entry in snapshot.models:
+            if entry.state != "ready":
+                continue
+            best = self.latest.get(entry.model_id)
+            if best is None or _version_key(entry.version) > _version_key(best.version):
+                self.latest[entry.model_id] = entry
+        self.workers = {w.index: w for w in snapshot.workers}
+
+    @property
+    def epoch(self) -> int:
+        return self.snapshot.epoch if self.snapshot else -1
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    """Newest version first by number when versions are numeric, else by text."""
+    parts: list[tuple[int, Any]] = []
+    for part in version.replace("-", ".").split("."):
+        parts.append((1, int(part)) if part.isdigit() else (0, part))
+    return tuple(parts)
+
+
+class CoordinatorClient:
+    def __init__(self, ctx: zmq.asyncio.Context, run_dir: Any, timeout_s: float) -> None:
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.timeout_s = timeout_s
+        self.table = Table()
+        self._pending: dict[int, asyncio.Future[ClientReply]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Any] = []
+        self.dealer: zmq.asyncio.Socket | None = None
+        self.sub: zmq.asyncio.Socket | None = None
+
+    def on_table(self, callback: Any) -> None:
+        """Call ``callback(table)`` after each new snapshot (the dispatcher connects to new workers)."""
+        self._listeners.append(callback)
+
+    async def start(self) -> None:
+        self.dealer = endpoints.configure(self.ctx.socket(zmq.DEALER), linger_ms=0)
+        self.dealer.connect(endpoints.coordinator_endpoint(self.run_dir))
+        self.sub = endpoints.configure(self.ctx.socket(zmq.SUB), linger_ms=0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # Only the newest snapshot matters; older ones queued behind it are stale.
+        self.sub.setsockopt(zmq.CONFLATE, 1)
+        self.sub.connect(endpoints.events_endpoint(self.run_dir))
+        self._tasks = [
+            asyncio.create_task(self._read_replies(), name="coordinator-replies"),
+            asyncio.create_task(self._read_table(), name="coordinator-table"),
+        ]
+        with contextlib.suppress(CoordinatorUnavailable):
+            await self.refresh()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(CoordinatorUnavailable("frontend is shutting down"))
+        for sock in (self.dealer, self.sub):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _apply(self, snapshot: TableSnapshot) -> None:
+        if self.table.snapshot is not None and snapshot.epoch < self.table.epoch:
+            return  # an older snapshot overtaken by a newer one
+        self.table = Table(snapshot)
+        for callback in self._listeners:
+            callback(self.table)
+
+    async def _read_table(self) -> None:
+        assert self.sub is not None
+        while True:
+            payload = await self.sub.recv()
+            try:
+                self._apply(table_decoder.decode(payload))
+            except Exception as exc:
+                log.error("bad table snapshot: %s", exc)
+
+    async def _read_replies(self) -> None:
+        assert self.dealer is not None
+        while True:
+            payload = await self.dealer.recv()
+            try:
+                msg = client_inbound_decoder.decode(payload)
+            except Exception as exc:
+                log.error("bad coordinator reply: %s", exc)
+                continue
+            if isinstance(msg, TableSnapshot):
+                self._apply(msg)
+                continue
+            fut = self._pending.pop(msg.req, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            if msg.table is not None:
+                self._apply(msg.table)
+
+    async def request(self, build: Any, timeout: float | None = None) -> ClientReply:
+        """Send ``build(req_id)`` and wait for its reply."""
+        assert self.dealer is not None
+        req = next(self._ids)
+        fut: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
+        self._pending[req] = fut
+        try:
+            await self.dealer.send(encode(build(req)))
+            return await asyncio.wait_for(fut, timeout or self.timeout_s)
+        except TimeoutError:
+            raise CoordinatorUnavailable(
+                f"the coordinator did not answer within {timeout or self.timeout_s:.1f} s"
+            ) from None
+        finally:
+            self._pending.pop(req, None)
+
+    async def refresh(self, timeout: float | None = None) -> ClientReply:
+        return await self.request(ClientGet, timeout)
+
+    async def load(
+        self, model_id: str, version: str, registry_uri: str | None, config: ModelConfig, timeout: float
+    ) -> ClientReply:
+        return await self.request(
+            lambda req: ClientLoad(req, model_id, version, registry_uri, config), timeout
+        )
+
+    async def unload(self, model_id: str, version: str, timeout: float) -> ClientReply:
+        return await self.request(lambda req: ClientUnload(req, model_id, version), timeout)
+
+    async def ensure(self, model_id: str, version: str, timeout: float) -> ClientReply:
+        return await self.request(lambda req: ClientEnsure(req, model_id, version), timeout)
+
+    async def index(self) -> ClientReply:
+        return await self.request(ClientIndex)

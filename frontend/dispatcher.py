@@ -1,0 +1,481 @@
+"""From tensors to a worker and back: the frontend's half of the shared-memory protocol.
+
+For each inference the dispatcher
+
+1. allocates one slot of this process's arena holding the inputs and room for
+   the outputs (sized from the schema; the worker spills if they do not fit),
+2. writes the inputs into it (the only copy on the way in),
+3. sends an ``InferRequest`` of descriptors to the least-busy worker that holds
+   the model, over one ROUTER socket connected to every worker,
+4. awaits the ``InferReply`` without blocking the event loop, and
+5. hands the caller views of the outputs; the slot is freed when the caller is done.
+
+Ownership of the slot (see ``ipc.arena``): while a request is in flight the
+worker owns it. If the caller gives up (deadline, client gone) the slot stays
+quarantined and is freed when the reply arrives or the worker is known dead,
+never earlier. A ZeroMQ socket monitor reports a worker's disconnection at
+once, and every request in flight on it fails with 503 right away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from ipc import datatypes, endpoints
+from ipc.arena import ALIGNMENT, Arena, ArenaFull, Segment, SegmentError, Slot, TooLarge
+from ipc.messages import (
+    InferReply,
+    InferRequest,
+    ModelEntry,
+    ModelSchema,
+    Status,
+    TensorRef,
+    encode,
+    infer_reply_decoder,
+)
+
+from .coordinator_client import Table
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+# Room given to an output whose size the schema cannot tell (dynamic non-batch dims, strings).
+UNKNOWN_OUTPUT_BYTES = 64 * 1024
+
+
+class DispatchError(Exception):
+    """A request could not be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class InputTensor:
+    """One input: an array (JSON path), raw little-endian bytes (binary path) or a client region."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    array: Array | None = None
+    raw: memoryview | bytes | None = None
+    region: TensorRef | None = None
+
+    def nbytes(self) -> int:
+        if self.raw is not None:
+            return len(self.raw)
+        if self.array is not None:
+            if self.datatype == "BYTES":
+                self.raw = datatypes.serialize_bytes(self.array)
+                return len(self.raw)
+            return int(self.array.nbytes)
+        return 0
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: memoryview | None  # None when written to a client's region
+
+    def array(self) -> Array:
+        """A numpy view (BYTES: an object array of bytes). Valid until the result is released."""
+        assert self.data is not None
+        if self.datatype == "BYTES":
+            count = int(np.prod(self.shape)) if self.shape else 1
+            return datatypes.deserialize_bytes(self.data, count).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
+
+
+@dataclass
+class InferResult:
+    """Outputs as views of shared memory; ``release()`` (or leaving ``with``) frees them."""
+
+    outputs: list[OutputTensor]
+    worker: int
+    queue_us: int
+    compute_us: int
+    batch_rows: int
+    _release: tuple[Arena, Slot, Segment | None] | None = None
+
+    def release(self) -> None:
+        if self._release is None:
+            return
+        arena, slot, spill = self._release
+        self._release = None
+        self.outputs = []
+        arena.free(slot)
+        if spill is not None:
+            spill.unlink()
+            spill.close()
+
+    def __enter__(self) -> InferResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[InferReply]
+    worker: int
+    slot: Slot | None
+    sent_ns: int = field(default_factory=time.monotonic_ns)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def estimate_output_bytes(schema: ModelSchema | None, rows: int, names: list[str], input_bytes: int) -> int:
+    """Room for the outputs: exact when the schema fixes every dimension but the batch."""
+    if schema is None:
+        return max(UNKNOWN_OUTPUT_BYTES, input_bytes)
+    wanted = [o for o in schema.outputs if not names or o.name in names]
+    total = 0
+    for spec in wanted:
+        if spec.datatype == "BYTES" or spec.datatype not in datatypes.OIP_TO_NUMPY:
+            total += max(UNKNOWN_OUTPUT_BYTES, input_bytes)
+            continue
+        dims = list(spec.shape)
+        if dims and dims[0] == -1:
+            dims[0] = max(rows, 1)
+        if any(d < 0 for d in dims):
+            total += max(UNKNOWN_OUTPUT_BYTES, input_bytes)
+            continue
+        total += _align(datatypes.nbytes_of(spec.datatype, dims))
+    return max(total, ALIGNMENT)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        run_dir: Any,
+        shm_prefix: str,
+        arena_bytes: int,
+        workers: int,
+    ) -> None:
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.arena = Arena(shm_prefix, arena_bytes)
+        self.identity = f"f{os.getpid()}-{secrets.token_hex(2)}".encode()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.monitor: zmq.asyncio.Socket | None = None
+        self.endpoints: dict[str, int] = {}
+        self.connected: dict[int, bool] = {}
+        self.inflight: dict[int, _Pending] = {}
+        self.per_worker: dict[int, set[int]] = {}
+        self._seq = itertools.count(1)
+        self._rr = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._initial_workers = workers
+        self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        sock = endpoints.configure(self.ctx.socket(zmq.ROUTER), linger_ms=0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        # Unknown or gone worker -> EHOSTUNREACH at send time, instead of a silent drop.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted worker reuses its routing id; the new connection takes it over.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        for index in range(self._initial_workers):
+            self._connect(index, endpoints.worker_endpoint(self.run_dir, index))
+        self._tasks = [
+            asyncio.create_task(self._read_replies(), name="worker-replies"),
+            asyncio.create_task(self._read_monitor(), name="worker-monitor"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for pending in list(self.inflight.values()):
+            if not pending.future.done():
+                pending.future.set_exception(DispatchError(503, "shutting_down", "frontend is shutting down"))
+        if self.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.sock.close(linger=0)
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+        self.arena.close()
+
+    def _connect(self, index: int, endpoint: str) -> None:
+        if endpoint in self.endpoints:
+            return
+        assert self.sock is not None
+        self.endpoints[endpoint] = index
+        self.sock.connect(endpoint)
+
+    def on_table(self, table: Table) -> None:
+        for worker in table.workers.values():
+            self._connect(worker.index, worker.endpoint)
+
+    # --- socket readers ---------------------------------------------------------------
+    async def _read_replies(self) -> None:
+        assert self.sock is not None
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 2:
+                log.error("dropped a worker message with %d frames", len(frames))
+                continue
+            try:
+                reply = infer_reply_decoder.decode(frames[1])
+            except Exception as exc:
+                log.error("undecodable worker reply: %s", exc)
+                continue
+            pending = self.inflight.pop(reply.seq, None)
+            if pending is None:
+                self._drop_spill(reply.spill)
+                continue
+            self.per_worker.get(pending.worker, set()).discard(reply.seq)
+            if pending.future.done():
+                # The caller gave up; the worker is done with the slot now.
+                self._free(pending.slot)
+                self._drop_spill(reply.spill)
+                self.stats["quarantined"] -= 1
+            else:
+                pending.future.set_result(reply)
+
+    async def _read_monitor(self) -> None:
+        assert self.monitor is not None
+        while True:
+            frames = await self.monitor.recv_multipart()
+            event = parse_monitor_message(frames)
+            endpoint = (
+                event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else event["endpoint"]
+            )
+            index = self.endpoints.get(endpoint)
+            if index is None:
+                continue
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connected[index] = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected[index] = False
+                self._fail_worker(index)
+
+    def _fail_worker(self, index: int) -> None:
+        seqs = self.per_worker.pop(index, set())
+        if seqs:
+            self.stats["worker_deaths"] += 1
+            log.error("worker %d disconnected with %d request(s) in flight: failing them", index, len(seqs))
+        for seq in seqs:
+            pending = self.inflight.pop(seq, None)
+            if pending is None:
+                continue
+            if pending.future.done():
+                self._free(pending.slot)  # the dead worker will never write again
+                self.stats["quarantined"] -= 1
+            else:
+                pending.future.set_exception(
+                    DispatchError(503, "worker_died", f"worker {index} exited while serving the request")
+                )
+
+    def _free(self, slot: Slot | None) -> None:
+        if slot is not None:
+            self.arena.free(slot)
+
+    @staticmethod
+    def _drop_spill(name: str) -> None:
+        if name:
+            with contextlib.suppress(SegmentError):
+                Segment.attach(name).unlink()
+
+    # --- routing ------------------------------------------------------------------------
+    def candidates(self, entry: ModelEntry) -> list[int]:
+        """Workers holding the model, least busy (in this process's view) first."""
+        workers = entry.workers
+        if len(workers) <= 1:
+            return list(workers)
+        start = next(self._rr)
+        # Connected first (the monitor saw a disconnect: likely dead), then fewest in flight,
+        # then rotating, so equal workers share the load.
+        order = {
+            w: (not self.connected.get(w, True), len(self.per_worker.get(w, ())), (i - start) % len(workers))
+            for i, w in enumerate(workers)
+        }
+        return sorted(workers, key=order.__getitem__)
+
+    # --- the request path ----------------------------------------------------------
+    async def infer(
+        self,
+        entry: ModelEntry,
+        inputs: list[InputTensor],
+        output_names: list[str],
+        trace_id: str,
+        timeout_s: float,
+        client_outputs: list[TensorRef] | None = None,
+    ) -> InferResult:
+        """Run one inference. Use the result as a context manager: its views die on exit."""
+        assert self.sock is not None
+        workers = self.candidates(entry)
+        if not workers:
+            raise DispatchError(
+                503,
+                "no_worker",
+                f"no worker is serving {entry.model_id}:{entry.version} right now",
+                retry_after=1,
+            )
+        sizes = [_align(t.nbytes()) for t in inputs]
+        input_bytes = sum(sizes)
+        rows = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+        out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
+        try:
+            slot = self.arena.alloc(input_bytes + out_bytes)
+        except TooLarge as exc:
+            raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
+        except ArenaFull as exc:
+            raise DispatchError(503, "arena_full", f"shared memory is busy: {exc}", retry_after=1) from None
+        # Who must free the slot if we leave early: this coroutine, the worker
+        # (freed by the reply/death handlers), or the returned result.
+        owner = "frontend"
+        spill: Segment | None = None
+        try:
+            refs = self._write_inputs(slot, inputs, sizes)
+            seq = next(self._seq)
+            request = InferRequest(
+                seq=seq,
+                trace_id=trace_id,
+                model_id=entry.model_id,
+                version=entry.version,
+                inputs=refs,
+                output_names=output_names,
+                out_segment=self.arena.name,
+                out_offset=slot.offset + input_bytes,
+                out_capacity=slot.size - input_bytes,
+                deadline_ns=time.monotonic_ns() + int(timeout_s * 1e9),
+                client_outputs=client_outputs or [],
+            )
+            future: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
+            worker = self._send(workers, encode(request))
+            # From here until the reply (or the worker's death) the worker owns the slot.
+            self.inflight[seq] = _Pending(future, worker, slot)
+            self.per_worker.setdefault(worker, set()).add(seq)
+            self.stats["requests"] += 1
+            owner = "worker"
+            try:
+                reply = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                self.stats["quarantined"] += 1
+                raise DispatchError(
+                    504,
+                    "deadline_exceeded",
+                    f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
+                ) from None
+            except asyncio.CancelledError:
+                # Client went away: the reply handler frees the slot when the worker is done.
+                self.stats["quarantined"] += 1
+                raise
+            except DispatchError:
+                owner = "frontend"  # worker died: the slot is ours again
+                raise
+            owner = "frontend"  # reply arrived: the slot is ours again
+            if reply.spill:
+                spill = Segment.attach(reply.spill)  # ours from now on; unlinked on release
+            if reply.status != Status.OK:
+                raise _reply_error(reply, entry)
+            result = InferResult(
+                outputs=self._read_outputs(reply, spill),
+                worker=worker,
+                queue_us=reply.queue_us,
+                compute_us=reply.compute_us,
+                batch_rows=reply.batch_rows,
+                _release=(self.arena, slot, spill),
+            )
+            owner = "result"
+        finally:
+            if owner == "frontend":
+                self.arena.free(slot)
+                if spill is not None:
+                    spill.unlink()
+                    spill.close()
+        return result
+
+    def _send(self, workers: list[int], payload: bytes) -> int:
+        assert self.sock is not None
+        for worker in workers:
+            try:
+                self.sock.send_multipart([endpoints.worker_routing_id(worker), payload], flags=zmq.NOBLOCK)
+                return worker
+            except zmq.Again:
+                continue  # its queue is full: try the next one
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    continue  # not connected (yet, or any more)
+                raise
+        raise DispatchError(
+            503, "no_worker", "every worker holding the model is unreachable or full", retry_after=1
+        )
+
+    def _write_inputs(self, slot: Slot, inputs: list[InputTensor], sizes: list[int]) -> list[TensorRef]:
+        refs: list[TensorRef] = []
+        offset = slot.offset
+        for tensor, size in zip(inputs, sizes, strict=True):
+            if tensor.region is not None:
+                refs.append(tensor.region)
+                continue
+            nbytes = tensor.nbytes()
+            dest = self.arena.view(offset, nbytes)
+            if tensor.raw is not None:
+                dest[:] = tensor.raw
+            elif tensor.array is not None:
+                target = np.frombuffer(dest, dtype=tensor.array.dtype).reshape(tensor.array.shape)
+                np.copyto(target, tensor.array, casting="no")
+            refs.append(
+                TensorRef(tensor.name, tensor.datatype, tensor.shape, self.arena.name, offset, nbytes)
+            )
+            offset += size
+        return refs
+
+    def _read_outputs(self, reply: InferReply, spill: Segment | None) -> list[OutputTensor]:
+        outputs: list[OutputTensor] = []
+        for ref in reply.outputs:
+            if ref.segment == self.arena.name:
+                data: memoryview | None = self.arena.view(ref.offset, ref.nbytes)
+            elif spill is not None and ref.segment == spill.name:
+                data = spill.view(ref.offset, ref.nbytes)
+            else:
+                data = None  # a client's region: the client reads it there
+            outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data))
+        return outputs
+
+
+def _reply_error(reply: InferReply, entry: ModelEntry) -> DispatchError:
+    model = f"{entry.model_id}:{entry.version}"
+    if reply.status == Status.BAD_INPUT:
+        return DispatchError(422, "invalid_input", reply.error)
+    if reply.status == Status.OUTPUT_REGION:
+        return DispatchError(400, "invalid_output_region", reply.error)
+    if reply.status == Status.NOT_LOADED:
+        return DispatchError(503, "model_not_loaded", f"{model} is not loaded on the worker", retry_after=1)
+    if reply.status == Status.DEADLINE:
+        return DispatchError(504, "deadline_exceeded", reply.error)
+    if reply.status == Status.QUEUE_FULL:
+        return DispatchError(503, "queue_full", reply.error, retry_after=1)
+    return DispatchError(500, "inference_failed", reply.error)

@@ -1,0 +1,105 @@
+"""One error shape for the whole HTTP surface.
+
+``/v1`` and the seed's paths answer ``{"error": {"code", "message", "request_id", "details"}}``;
+``/v2`` answers ``{"error": "<message>"}`` as the Open Inference Protocol's
+implementations (Triton, MLServer, KServe) do, so their clients parse it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from model_server.logs import request_id_var
+
+from .coordinator_client import CoordinatorUnavailable
+from .dispatcher import DispatchError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.retry_after = retry_after
+
+
+def error_response(
+    request_path: str,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    retry_after: float | None = None,
+) -> Response:
+    request_id = request_id_var.get()
+    if request_path.startswith("/v2"):
+        body: dict[str, Any] = {"error": message}
+    else:
+        body = {
+            "error": {"code": code, "message": message, "request_id": request_id, "details": details or {}}
+        }
+    headers = {"X-Request-ID": request_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> Response:
+        return error_response(
+            request.url.path, exc.status, exc.code, exc.message, exc.details, exc.retry_after
+        )
+
+    @app.exception_handler(DispatchError)
+    async def _dispatch(request: Request, exc: DispatchError) -> Response:
+        return error_response(
+            request.url.path, exc.status, exc.code, exc.message, retry_after=exc.retry_after
+        )
+
+    @app.exception_handler(CoordinatorUnavailable)
+    async def _coordinator(request: Request, exc: CoordinatorUnavailable) -> Response:
+        return error_response(request.url.path, 503, "coordinator_unavailable", str(exc), retry_after=1)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(request.url.path, 422, "invalid_request", message, {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return error_response(request.url.path, exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(
+            request.url.path, 500, "internal_error", f"internal error: {type(exc).__name__}"
+        )

@@ -1,0 +1,118 @@
+"""Pure-ASGI middleware on the request path: request id, body size limit, access log.
+
+Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which breaks context
+variables and costs a task per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model_server.logs import request_id_var
+
+log = logging.getLogger("model_server.access")
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log: bool = True) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = ""
+        length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _VALID_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = -1
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        header = (b"x-request-id", request_id.encode())
+        status = [0]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            if length > self.max_body_bytes:
+                await self._too_large(scope, send_with_id, length)
+                return
+            seen = [0]
+
+            async def limited_receive() -> Message:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen[0] += len(message.get("body", b""))
+                    if seen[0] > self.max_body_bytes:
+                        raise BodyTooLarge()
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except BodyTooLarge:
+                if status[0] == 0:
+                    await self._too_large(scope, send_with_id, seen[0])
+        finally:
+            if self.access_log:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                path = scope["path"]
+                level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(level, "%s %s %d %.2fms", scope["method"], path, status[0] or 500, elapsed_ms)
+            request_id_var.reset(token)
+
+    async def _too_large(self, scope: Scope, send: Send, size: int) -> None:
+        message = f"request body of {size} bytes exceeds MODEL_SERVER_MAX_REQUEST_BYTES={self.max_body_bytes}"
+        body: Any
+        if scope["path"].startswith("/v2"):
+            body = {"error": message}
+        else:
+            body = {
+                "error": {
+                    "code": "payload_too_large",
+                    "message": message,
+                    "request_id": request_id_var.get(),
+                    "details": {"limit": self.max_body_bytes},
+                }
+            }
+        payload = orjson.dumps(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})

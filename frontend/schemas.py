@@ -1,0 +1,151 @@
+"""Pydantic models of the HTTP API: request validation at the edge and the OpenAPI documents.
+
+Tensor payloads are *documented* with these models but parsed with orjson on
+the hot path (pydantic on megabyte bodies costs more than the model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code, e.g. `model_not_found`.")
+    message: str = Field(description="What went wrong, for humans.")
+    request_id: str = Field(description="The request's X-Request-ID.")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="Structured context (feature, row, ...)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    error: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(
+        default_factory=list, description="Why the server is not ready (empty when ready)."
+    )
+    models: int = Field(0, description="Models in state ready.")
+    workers: int = Field(0, description="Workers alive.")
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "example": {
+                "model_id": "fraud_detection",
+                "version": "2.0.0",
+                "registry_uri": "s3://bucket/models/fraud_detection/2.0.0",
+            }
+        },
+    )
+
+    model_id: str = Field(min_length=1, max_length=128, description="Model name.")
+    version: str = Field("1", min_length=1, max_length=128, description="Model version.")
+    registry_uri: str | None = Field(
+        None,
+        description="Where the model is: a path, file://, s3://, models:/, runs:/ or mlflow-artifacts:/. "
+        "Omitted: MLflow if MLFLOW_TRACKING_URI is set, else s3://$AWS_S3_BUCKET/models/<id>/<version>/, "
+        "else the local model repository.",
+    )
+    max_batch_size: int | None = Field(
+        None, ge=0, description="Rows per merged batch (0: no dynamic batching)."
+    )
+    max_queue_delay_us: int | None = Field(None, ge=0, description="Longest wait to fill a batch (µs).")
+    preferred_batch_sizes: list[int] | None = Field(None, description="Batch sizes to cut at when reached.")
+    max_queue_size: int | None = Field(None, ge=1, description="Queued requests before 503 + Retry-After.")
+    replicas: int | None = Field(None, ge=0, description="Workers that load the model (0: all).")
+    warmup: bool = Field(True, description="Run one inference on zeros before reporting ready.")
+
+
+class TensorSchema(BaseModel):
+    name: str
+    datatype: str = Field(description="Open Inference Protocol datatype (FP32, INT64, BYTES, ...).")
+    shape: list[int] = Field(description="Dimensions; -1 marks a variable one (the batch).")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    version: str
+    state: Literal["downloading", "loading", "ready", "failed", "unloading", "unloaded"]
+    reason: str = Field("", description="Why a load failed.")
+    registry_uri: str = ""
+    workers: list[int] = Field(default_factory=list, description="Workers holding a ready session.")
+    inputs: list[TensorSchema] = Field(default_factory=list)
+    outputs: list[TensorSchema] = Field(default_factory=list)
+    feature_names: list[str] | None = Field(None, description="Record fields, in the model's column order.")
+    loaded_at: float | None = Field(None, description="Unix time the model became ready.")
+    load_ms: float | None = Field(None, description="Time from the load request to ready, ms.")
+    memory_bytes: int = Field(0, description="Resident memory of the model in one worker.")
+    size_bytes: int = Field(0, description="Size of the ONNX file.")
+    sha256: str = ""
+    batching: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, float] = Field(
+        default_factory=dict, description="Download progress while downloading."
+    )
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class InferRequestV1(BaseModel):
+    """Body of POST /v1/infer (documented here; parsed by orjson)."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "example": {
+                "model_id": "fraud_detection",
+                "model_version": "2.0.0",
+                "inputs": [{"feature1": 1.0, "feature2": 2.0}, {"feature1": 3.0, "feature2": 4.0}],
+            }
+        },
+    )
+
+    model_id: str
+    model_version: str | None = Field(None, description="Omitted: the newest ready version.")
+    inputs: list[dict[str, Any]] | dict[str, Any] = Field(
+        description="Records (one object per row, feature -> value) or named tensors (input -> nested lists)."
+    )
+    outputs: list[str] | None = Field(None, description="Outputs to return (default: all).")
+
+
+class InferResponseV1(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model_id: str
+    model_version: str
+    outputs: list[dict[str, Any]] = Field(description="One record per input row: output name -> value.")
+    tensors: dict[str, Any] = Field(
+        default_factory=dict, description="Outputs without a row dimension, returned whole (rare)."
+    )
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown model or version."},
+    409: {"model": ErrorResponse, "description": "Model not ready (loading, unloading)."},
+    413: {"model": ErrorResponse, "description": "Payload too large."},
+    422: {"model": ErrorResponse, "description": "Payload does not fit the model's schema."},
+    503: {
+        "model": ErrorResponse,
+        "description": "No worker available, queue full or draining (Retry-After).",
+    },
+    504: {"model": ErrorResponse, "description": "Deadline passed."},
+}

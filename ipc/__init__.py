@@ -1,0 +1,1 @@
+"""The wire: message types, endpoints and the shared-memory tensor arena."""

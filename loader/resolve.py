@@ -1,0 +1,84 @@
+"""Where a model comes from: pick the source for a URI, fetch, verify, read the schema.
+
+Sources register by URI scheme; MLflow (``models:``, ``runs:``,
+``mlflow-artifacts:``) and S3 (``s3:``) plug into the same table. Only the
+coordinator calls this; workers load the verified local file it returns.
+
+When ``registry_uri`` is omitted the rule is, in order:
+
+1. ``MLFLOW_TRACKING_URI`` set: the registered model ``models:/<model_id>/<version>``;
+2. ``AWS_S3_BUCKET`` set: ``s3://$AWS_S3_BUCKET/models/<model_id>/<version>/``;
+3. otherwise the local repository: ``$MODEL_SERVER_MODEL_REPOSITORY/<model_id>/<version>/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ipc.messages import ModelSchema
+from model_server.settings import Settings
+
+from .artifact import Artifact, ProgressCallback, no_progress
+from .errors import UnsupportedSource
+from .inspect import inspect_model
+from .local import LocalSource, repository_path
+
+
+class Source(Protocol):
+    def fetch(self, uri: str, progress: ProgressCallback) -> Artifact: ...
+
+
+SourceFactory = Callable[[Settings], Source]
+
+_FACTORIES: dict[str, SourceFactory] = {
+    "": lambda settings: LocalSource(),
+    "file": lambda settings: LocalSource(),
+}
+
+
+def register_source(scheme: str, factory: SourceFactory) -> None:
+    _FACTORIES[scheme] = factory
+
+
+def scheme_of(uri: str) -> str:
+    head, sep, _ = uri.partition(":")
+    # "C:" style or plain relative paths have no scheme; schemes are 2+ letters.
+    if not sep or len(head) < 2 or "/" in head:
+        return ""
+    return head.lower()
+
+
+def default_uri(model_id: str, version: str, settings: Settings) -> str:
+    if settings.mlflow_tracking_uri:
+        return f"models:/{model_id}/{version}"
+    if settings.aws_s3_bucket:
+        return f"s3://{settings.aws_s3_bucket}/models/{model_id}/{version}/"
+    return str(repository_path(settings.model_repository, model_id, version).resolve())
+
+
+def source_for(uri: str, settings: Settings) -> Source:
+    scheme = scheme_of(uri)
+    factory = _FACTORIES.get(scheme)
+    if factory is None:
+        known = ", ".join(sorted(f"{s}:" for s in _FACTORIES if s)) + ", local paths"
+        raise UnsupportedSource(f"unsupported registry_uri scheme {scheme!r}; supported: {known}")
+    return factory(settings)
+
+
+def load_artifact(
+    model_id: str,
+    version: str,
+    registry_uri: str | None,
+    settings: Settings,
+    progress: ProgressCallback = no_progress,
+) -> tuple[Artifact, ModelSchema]:
+    """Resolve, fetch and verify; returns the local artifact and its schema (blocking)."""
+    uri = registry_uri or default_uri(model_id, version, settings)
+    artifact = source_for(uri, settings).fetch(uri, progress)
+    schema = inspect_model(artifact.path)
+    if artifact.feature_names and not schema.feature_names:
+        schema.feature_names = list(artifact.feature_names)
+    if artifact.feature_types:
+        schema.feature_types = dict(artifact.feature_types)
+    return artifact, schema

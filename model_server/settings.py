@@ -1,0 +1,184 @@
+"""The one typed settings object, read once at process start.
+
+Every timeout, size and threshold of the server is a field here with a documented
+default; no other module reads ``os.environ``. Names map to environment variables
+with the ``MODEL_SERVER_`` prefix (``workers`` -> ``MODEL_SERVER_WORKERS``), except
+the seed's ``MLFLOW_TRACKING_URI`` and ``AWS_S3_BUCKET`` and the AWS variables
+boto3 reads itself. The README's settings table is generated from this class
+(``model-server settings --markdown``) so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field's description is the README's documentation."""
+
+    model_config = SettingsConfigDict(env_prefix="MODEL_SERVER_", extra="ignore", populate_by_name=True)
+
+    # --- the seed's variables -------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the HTTP frontends listen on.")
+    port: int = Field(8001, ge=0, le=65535, description="HTTP port of the frontends.")
+    workers: int = Field(4, ge=1, le=256, description="Number of inference worker processes.")
+    log_level: str = Field("INFO", description="Log level of every process (DEBUG, INFO, WARNING, ERROR).")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MODEL_SERVER_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking server URI; used for `models:/` and `runs:/` URIs.",
+    )
+    aws_s3_bucket: str | None = Field(
+        None,
+        validation_alias=AliasChoices("AWS_S3_BUCKET", "MODEL_SERVER_AWS_S3_BUCKET"),
+        description="S3 bucket holding `models/<model_id>/<version>/` when `registry_uri` is omitted.",
+    )
+
+    # --- process layout -------------------------------------------------------
+    frontend_processes: int = Field(
+        1, ge=1, le=64, description="HTTP frontend processes sharing the port (SO_REUSEPORT)."
+    )
+    spare_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Extra worker slots supervisord knows but does not start (scale up at run time).",
+    )
+    run_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "model-server",
+        description="Directory for ipc:// sockets, the supervisord socket and pid files.",
+    )
+    instance: str = Field(
+        "",
+        description="Name of this server instance; prefixes shared-memory segments. "
+        "Empty: derived from run_dir.",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="`text` or `json` (one object per line).")
+    access_log: bool = Field(True, description="Log one line per HTTP request (health probes excluded).")
+
+    # --- models ----------------------------------------------------------------
+    model_repository: Path = Field(
+        Path("model_repository"),
+        description="Local model repository, laid out `<model_id>/<version>/model.onnx`.",
+    )
+    models_file: Path | None = Field(
+        None, description="YAML/JSON list of models to load at start; /ready waits for them."
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "model-server",
+        description="Verified local artifact cache for downloaded models.",
+    )
+    cache_max_bytes: int = Field(
+        20 * 1024 * MiB, ge=0, description="Size bound of the artifact cache; unused artifacts are evicted."
+    )
+    download_timeout_s: float = Field(
+        60.0, gt=0, description="Connect/read timeout for MLflow and S3 requests."
+    )
+    load_timeout_s: float = Field(600.0, gt=0, description="Longest a model load may take end to end.")
+    model_replicas: int = Field(
+        0, ge=0, description="Workers that load each model (0: every worker). Per-model `replicas` overrides."
+    )
+
+    # --- workers ------------------------------------------------------------------
+    worker_index: int = Field(
+        0, ge=0, description="Index of this worker (set per process by supervisord's process_num)."
+    )
+    gpus: Annotated[str, Field(description="`auto` (detect), `none`, or a comma list of GPU ids.")] = "auto"
+    cpu_affinity: bool = Field(True, description="Pin CPU workers to a core set with psutil.")
+    ort_intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per worker (0: the size of its core set)."
+    )
+    worker_max_models: int = Field(0, ge=0, description="Sessions a worker keeps (0: no limit); LRU evicts.")
+    worker_max_bytes: int = Field(
+        0, ge=0, description="Model bytes a worker keeps (0: no limit); LRU evicts the least recently used."
+    )
+    worker_recycle_rss_bytes: int = Field(
+        0,
+        ge=0,
+        description="A worker whose RSS stays above this after unloads exits to be replaced (0: off).",
+    )
+
+    # --- batching defaults (per-model settings override) -------------------------
+    max_batch_size: int = Field(
+        0, ge=0, description="Default rows per merged batch (0: no dynamic batching)."
+    )
+    max_queue_delay_us: int = Field(500, ge=0, description="Default wait to fill a batch, microseconds.")
+    max_queue_size: int = Field(1024, ge=1, description="Default queued requests per model before 503.")
+
+    # --- IPC, shared memory, deadlines -------------------------------------------
+    shm_arena_bytes: int = Field(
+        128 * MiB, ge=MiB, description="Shared-memory arena per frontend process (needs /dev/shm room)."
+    )
+    max_request_bytes: int = Field(64 * MiB, ge=1024, description="Largest HTTP body accepted (413 above).")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference, dispatch to reply.")
+    coordinator_timeout_s: float = Field(5.0, gt=0, description="Wait for a coordinator answer (not loads).")
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="Worker heartbeat period.")
+    heartbeat_timeout_s: float = Field(3.0, gt=0, description="Worker declared dead after this silence.")
+    worker_ready_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a worker may take to boot and say hello."
+    )
+
+    # --- HTTP edge ----------------------------------------------------------------
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma list of allowed CORS origins (`*` for any; empty: CORS off)."
+    )
+    allow_client_shm: bool = Field(
+        False, description="Allow clients to register system shared-memory regions (V2 extension)."
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish before workers stop."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @property
+    def instance_name(self) -> str:
+        """Short name that keeps two servers on one host apart (shm, sockets)."""
+        if self.instance:
+            return self.instance
+        return hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"msrv_{self.instance_name}_"
+
+    def gpu_ids(self, detected: int) -> list[int]:
+        """GPU ids the workers are spread over: explicit list, detection, or none."""
+        spec = self.gpus.strip().lower()
+        if spec in {"", "none", "cpu", "off"}:
+            return []
+        if spec == "auto":
+            return list(range(detected))
+        return [int(part) for part in spec.split(",") if part.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process; tests build `Settings(...)` directly instead."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Inference workers: ONNX Runtime sessions fed from shared memory."""

@@ -1,0 +1,157 @@
+"""Worker process shell: placement, sockets, threads and signals around ``serving.Engine``.
+
+Threads and what they own:
+* main thread: the serving ROUTER socket bound at ``worker-<index>.ipc``; it
+  receives ``InferRequest`` from frontends, runs them through the Engine and
+  replies. It blocks in ``poll`` (no spinning) with a timeout no longer than
+  the earliest batching deadline.
+* control thread (``workers.control``): the DEALER to the coordinator.
+* loader / unloader threads: create and drop ONNX Runtime sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+
+import zmq
+
+from ipc import endpoints
+from ipc.arena import SegmentCache, SpillWriter
+from ipc.messages import BatchConfig, encode, infer_request_decoder
+from model_server import exitcodes
+from model_server.roles import ShutdownFlag, start_role
+from model_server.settings import Settings, get_settings
+
+from . import device
+from .control import ControlLink
+from .serving import Engine, LoadedModel
+from .session_cache import SessionCache
+
+log = logging.getLogger(__name__)
+
+# Requests taken off the socket per wake-up before batches are flushed.
+DRAIN_MAX = 256
+PRUNE_EVERY_S = 5.0
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, placement: device.Placement, stop: threading.Event) -> None:
+        self.settings = settings
+        self.index = settings.worker_index
+        self.placement = placement
+        self.stop = stop
+        self.endpoint = endpoints.worker_endpoint(settings.run_dir, self.index)
+        self.cache: SessionCache[LoadedModel] = SessionCache(
+            settings.worker_max_models, settings.worker_max_bytes
+        )
+        self.segments = SegmentCache()
+        self.engine = Engine(
+            self.cache,
+            self.segments,
+            SpillWriter(settings.shm_prefix),
+            BatchConfig(
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_us=settings.max_queue_delay_us,
+                max_queue_size=settings.max_queue_size,
+            ),
+        )
+        self.ctx = zmq.Context()
+        self.control = ControlLink(
+            self.ctx,
+            settings,
+            self.index,
+            self.endpoint,
+            placement,
+            self.cache,
+            self.engine,
+            stop,
+            lambda: self.engine.running + self.engine.queued,
+        )
+
+    def run(self) -> int:
+        path = endpoints.endpoint_path(self.endpoint)
+        if path.exists():
+            path.unlink()  # left by a predecessor that was killed
+        sock = endpoints.configure(self.ctx.socket(zmq.ROUTER))
+        sock.setsockopt(zmq.ROUTING_ID, endpoints.worker_routing_id(self.index))
+        sock.bind(self.endpoint)
+        self.control.start()
+        log.info("worker %d serving on %s (%s)", self.index, self.endpoint, self.placement.label)
+        try:
+            self._serve(sock)
+        finally:
+            self.engine.flush(force=True)
+            self.control.join(timeout=5)
+            sock.close(linger=endpoints.LINGER_MS)
+            self.segments.close()
+            self.ctx.term()
+        if self.control.recycle_requested.is_set():
+            return exitcodes.RECYCLE
+        return exitcodes.OK
+
+    def _serve(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        engine = self.engine
+        send = sock.send_multipart
+        next_prune = time.monotonic() + PRUNE_EVERY_S
+        while not self.stop.is_set():
+            due = engine.next_due_ns()
+            if due is None:
+                timeout_ms = 200.0
+            else:
+                timeout_ms = max(0.0, math.ceil((due - time.monotonic_ns()) / 1e6))
+            if poller.poll(int(timeout_ms)):
+                for _ in range(DRAIN_MAX):
+                    try:
+                        peer, payload = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except ValueError:
+                        log.error("dropped a message with an unexpected frame count")
+                        continue
+                    try:
+                        request = infer_request_decoder.decode(payload)
+                    except Exception as exc:
+                        log.error("undecodable inference message: %s", exc)
+                        continue
+                    for to, reply in engine.submit(peer, request):
+                        send([to, encode(reply)])
+            for to, reply in engine.flush():
+                send([to, encode(reply)])
+            if time.monotonic() >= next_prune:
+                self.segments.prune()
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+
+
+def main() -> int:
+    settings = get_settings()
+    index = settings.worker_index
+    start_role(f"worker-{index}", settings, f"worker {index}")
+    stop = ShutdownFlag().install()
+    try:
+        gpu_ids = settings.gpu_ids(device.detect_gpu_count())
+        placement = device.plan(
+            index,
+            settings.workers,
+            gpu_ids,
+            device.available_cpus(),
+            settings.cpu_affinity,
+            settings.ort_intra_op_threads,
+        )
+        device.apply(placement)
+        if placement.gpu is not None:
+            from .runner import available_providers
+
+            if "CUDAExecutionProvider" not in available_providers():
+                log.error("GPU %s configured but onnxruntime has no CUDA provider", placement.gpu)
+                return exitcodes.BOOT_ERROR
+    except (ValueError, OSError) as exc:
+        log.error("worker %d cannot boot: %s (check MODEL_SERVER_GPUS)", index, exc)
+        return exitcodes.BOOT_ERROR
+    log.info("worker %d pid %d placed on %s", index, os.getpid(), placement.label)
+    return WorkerProcess(settings, placement, stop.event).run()
