@@ -56,7 +56,7 @@ def error_response(
         body = {
             "error": {"code": code, "message": message, "request_id": request_id, "details": details or {}}
         }
-    headers = {"X-Request-ID": request_id}
+    headers: dict[str, str] = {}  # X-Request-ID is added by the middleware on every response
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)

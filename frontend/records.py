@@ -204,6 +204,13 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _object_rows(arr: Array) -> Any:
+    """Nested lists of str from an object array of bytes/str."""
+    if arr.ndim == 0:
+        return _scalar(arr.item())
+    return [_object_rows(sub) if isinstance(sub, np.ndarray) else _scalar(sub) for sub in arr]
+
+
 def tensors_to_records(
     outputs: list[tuple[str, Array]], rows: int, schema: ModelSchema | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -215,19 +222,16 @@ def tensors_to_records(
     whole: dict[str, Any] = {}
     for name, arr in outputs:
         if arr.ndim >= 1 and arr.shape[0] == rows:
+            if arr.ndim == 2 and arr.shape[1] == 1:
+                arr = arr.reshape(rows)  # [N, 1] -> one scalar per row
             if name in json_outputs:
                 values: list[Any] = [orjson.loads(v) for v in arr.reshape(rows)]
             elif arr.dtype == object:
-                values = [
-                    _scalar(v) if arr.ndim == 1 else [_scalar(x) for x in np.asarray(v).reshape(-1)]
-                    for v in arr
-                ]
-            elif arr.ndim == 2 and arr.shape[1] == 1:
-                values = arr.reshape(rows).tolist()
+                values = _object_rows(arr)
             else:
                 values = arr.tolist()
             for record, value in zip(records, values, strict=True):
                 record[name] = value
         else:
-            whole[name] = [_scalar(v) for v in arr.reshape(-1)] if arr.dtype == object else arr.tolist()
+            whole[name] = _object_rows(arr) if arr.dtype == object else arr.tolist()
     return records, whole

@@ -124,6 +124,11 @@ class InferRequestV1(BaseModel):
         description="Records (one object per row, feature -> value) or named tensors (input -> nested lists)."
     )
     outputs: list[str] | None = Field(None, description="Outputs to return (default: all).")
+    timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="This request's deadline (ms); shortens MODEL_SERVER_REQUEST_TIMEOUT_S, 504 past it.",
+    )
 
 
 class InferResponseV1(BaseModel):

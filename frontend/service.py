@@ -103,11 +103,17 @@ class Service:
         output_names: list[str],
         trace_id: str,
         client_outputs: list[TensorRef] | None = None,
+        timeout_s: float | None = None,
     ) -> InferResult:
-        """Dispatch; if no worker holds the model any more, have the coordinator place it and retry once."""
+        """Dispatch; if no worker holds the model any more, have the coordinator place it and retry once.
+
+        ``timeout_s`` (a request's own deadline) may shorten, never lengthen, the server's.
+        """
         if self.draining:
             raise ApiError(503, "draining", "server is draining", retry_after=5)
         timeout = self.settings.request_timeout_s
+        if timeout_s is not None and 0 < timeout_s < timeout:
+            timeout = timeout_s
         try:
             return await self.dispatcher.infer(entry, inputs, output_names, trace_id, timeout, client_outputs)
         except DispatchError as exc:

@@ -202,6 +202,9 @@ async def infer(request: Request) -> Response:
     version = payload.get("model_version", payload.get("version"))
     if version is not None and not isinstance(version, str):
         version = str(version)
+    timeout_ms = payload.get("timeout_ms")
+    if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or timeout_ms <= 0):
+        raise ApiError(422, "invalid_request", "timeout_ms: a positive number of milliseconds is expected")
     outputs = payload.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise ApiError(422, "invalid_request", "outputs: a list of output names is expected")
@@ -229,7 +232,8 @@ async def infer(request: Request) -> Response:
         for spec in entry.schema.inputs
     ]
     request_id = request_id_var.get()
-    with await service.infer(entry, inputs, outputs, request_id) as result:
+    timeout_s = timeout_ms / 1000 if timeout_ms else None
+    with await service.infer(entry, inputs, outputs, request_id, timeout_s=timeout_s) as result:
         records, whole = tensors_to_records([(o.name, o.array()) for o in result.outputs], rows, entry.schema)
     body: dict[str, Any] = {
         "request_id": request_id,

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * MiB, ge=1024, description="Largest HTTP body accepted (413 above).")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one inference, dispatch to reply.")
     coordinator_timeout_s: float = Field(5.0, gt=0, description="Wait for a coordinator answer (not loads).")
+    unload_grace_s: float = Field(
+        0.25, ge=0, description="On unload, requests sent before frontends saw it still run (this long)."
+    )
     heartbeat_interval_s: float = Field(0.5, gt=0, description="Worker heartbeat period.")
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="Worker declared dead after this silence.")
     worker_ready_timeout_s: float = Field(

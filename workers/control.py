@@ -137,7 +137,11 @@ class ControlLink(threading.Thread):
         self._post(result)
 
     def _do_unload(self, msg: UnloadModel) -> None:
-        removed = self.cache.remove((msg.model_id, msg.version), timeout=self.settings.drain_seconds or None)
+        removed = self.cache.remove(
+            (msg.model_id, msg.version),
+            grace_ns=int(self.settings.unload_grace_s * 1e9),
+            timeout=self.settings.drain_seconds or None,
+        )
         if removed:
             self._unloaded_since_check = True
             log.info("unloaded %s:%s", msg.model_id, msg.version)

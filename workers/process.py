@@ -87,6 +87,7 @@ class WorkerProcess:
             self.engine.flush(force=True)
             self.control.join(timeout=5)
             sock.close(linger=endpoints.LINGER_MS)
+            path.unlink(missing_ok=True)
             self.segments.close()
             self.ctx.term()
         if self.control.recycle_requested.is_set():
@@ -99,17 +100,21 @@ class WorkerProcess:
         engine = self.engine
         send = sock.send_multipart
         next_prune = time.monotonic() + PRUNE_EVERY_S
+        cache = self.cache
         while not self.stop.is_set():
-            due = engine.next_due_ns()
-            if due is None:
-                timeout_ms = 200.0
+            dues = [d for d in (engine.next_due_ns(), cache.next_close_ns()) if d is not None]
+            if dues:
+                timeout_ms = max(0.0, math.ceil((min(dues) - time.monotonic_ns()) / 1e6))
             else:
-                timeout_ms = max(0.0, math.ceil((due - time.monotonic_ns()) / 1e6))
+                timeout_ms = 200.0
+            drained = True
             if poller.poll(int(timeout_ms)):
+                drained = False
                 for _ in range(DRAIN_MAX):
                     try:
                         peer, payload = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
+                        drained = True
                         break
                     except ValueError:
                         log.error("dropped a message with an unexpected frame count")
@@ -123,6 +128,9 @@ class WorkerProcess:
                         send([to, encode(reply)])
             for to, reply in engine.flush():
                 send([to, encode(reply)])
+            if drained:
+                # Every request sent before an unload's grace ended has been taken: close it now.
+                cache.close_due(time.monotonic_ns())
             if time.monotonic() >= next_prune:
                 self.segments.prune()
                 next_prune = time.monotonic() + PRUNE_EVERY_S

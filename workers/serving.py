@@ -211,6 +211,7 @@ class Engine:
                 if len(live) > 1:
                     # One bad request must not fail its batch-mates: run them one by one.
                     return out + self._run_each(live, live_feeds)
+                log.info("rejected input for %s:%s: %s", first.model_id, first.version, exc)
                 return [*out, (live[0].peer, InferReply(live[0].request.seq, Status.BAD_INPUT, str(exc)))]
             except RunError as exc:
                 if len(live) > 1:
@@ -234,6 +235,15 @@ class Engine:
                     model.policy = None
                     return out + self._run_each(live, live_feeds)
             total_rows = sum(r for r in rows if r > 0)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "ran %s:%s: %d request(s), %d row(s), %d us",
+                    first.model_id,
+                    first.version,
+                    len(live),
+                    total_rows,
+                    (finished - started) // 1000,
+                )
             self.executed_batches[total_rows] = self.executed_batches.get(total_rows, 0) + 1
             for job, arrays in zip(live, per_job, strict=True):
                 reply = self._write_outputs(job.request, names, arrays)

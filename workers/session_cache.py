@@ -35,6 +35,9 @@ class Entry(Generic[T]):
     nbytes: int
     pins: int = 0
     closing: bool = False
+    # Unload asked: stop new acquisitions once the serving thread has taken every
+    # request that arrived before this time (monotonic ns); 0 = not asked.
+    close_after_ns: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -105,21 +108,42 @@ class SessionCache(Generic[T]):
             self._entries[key] = Entry(key, value, nbytes)
             self._entries.move_to_end(key)
 
-    def remove(self, key: Key, timeout: float | None = None) -> bool:
-        """Stop new acquisitions, wait for in-flight ones, then drop the session.
+    def remove(self, key: Key, grace_ns: int = 0, timeout: float | None = None) -> bool:
+        """Unload: let requests already sent to this worker through, wait for in-flight ones, drop.
 
-        Returns False when the key was absent or the wait timed out (the
-        session then stays, marked closing, and is dropped by a later call).
+        Requests that frontends sent before they learned of the unload may still
+        sit in the serving socket behind a long inference. So the serving thread,
+        not this one, closes the entry (``close_due``): once ``grace_ns`` has passed
+        and it has found the socket empty. Returns False when the key was absent or
+        the wait timed out (the session then stays closing and a later call drops it).
         """
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return False
-            entry.closing = True
-            if not self._unpinned.wait_for(lambda: entry.pins == 0, timeout=timeout):
+            if not entry.close_after_ns:
+                entry.close_after_ns = time.monotonic_ns() + grace_ns
+            if not self._unpinned.wait_for(lambda: entry.closing and entry.pins == 0, timeout=timeout):
                 return False
             del self._entries[key]
             return True
+
+    def close_due(self, now_ns: int) -> int:
+        """Serving thread, with its socket drained: close entries whose unload grace has passed."""
+        closed = 0
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.close_after_ns and not entry.closing and now_ns >= entry.close_after_ns:
+                    entry.closing = True
+                    closed += 1
+            if closed:
+                self._unpinned.notify_all()
+        return closed
+
+    def next_close_ns(self) -> int | None:
+        with self._lock:
+            due = [e.close_after_ns for e in self._entries.values() if e.close_after_ns and not e.closing]
+        return min(due) if due else None
 
     # --- introspection ----------------------------------------------------------------
     def __contains__(self, key: object) -> bool:

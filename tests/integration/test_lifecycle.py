@@ -1,0 +1,124 @@
+"""Worker death, restart and model replay; readiness; nothing left in /dev/shm after shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.models import ort_run
+
+from .server import Server
+
+pytestmark = pytest.mark.integration
+
+
+def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(repository: Path) -> None:
+    server = Server(repository, workers=1)
+    try:
+        server.start()
+        c = server.client
+        assert c.post("/v1/models/load", json={"model_id": "slow", "version": "1"}).status_code == 200
+        assert c.post("/v1/models/load", json={"model_id": "linear", "version": "1"}).status_code == 200
+        old = server.processes()["worker-0"]
+        x = (np.ones((64, 1024), dtype=np.float32) / 3).tolist()
+        result: dict[str, httpx.Response] = {}
+
+        def slow_request() -> None:
+            with httpx.Client(base_url=server.url, timeout=120) as other:
+                result["r"] = other.post(
+                    "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}}
+                )
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        # The worker is busy once its CPU time grows under the request.
+        base = old.cpu_times().user
+        server.wait_for(lambda: old.cpu_times().user > base + 0.2, 20, "the worker to start computing")
+        os.kill(old.pid, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive()
+        r = result["r"]
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "worker_died"
+
+        # While the only worker is down, requests are refused with 503, never left hanging.
+        during = c.post(
+            "/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": {"x": [[1, 2, 3]]}}
+        )
+        assert during.status_code in (200, 503), during.text
+
+        # supervisord starts a new worker; the coordinator gives it the models back.
+        def back() -> bool:
+            procs = server.processes()
+            if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
+                return False
+            listed = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+            return listed["linear"]["workers"] == [0] and listed["slow"]["workers"] == [0]
+
+        server.wait_for(back, 60, "the restarted worker to hold its models")
+        features = np.array([[0.5, 1.0, -2.0]], dtype=np.float32)
+        again = c.post(
+            "/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": {"x": features.tolist()}}
+        )
+        assert again.status_code == 200, again.text
+        expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": features})
+        np.testing.assert_allclose(again.json()["outputs"][0]["scores"], expected["scores"][0], rtol=1e-6)
+        assert "exited while serving" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+    assert server.shm_segments() == []
+
+
+def test_ready_waits_for_start_up_models_and_shm_is_released(repository: Path, tmp_path: Path) -> None:
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(
+        "models:\n"
+        "  - model_id: fraud_detection\n    version: '2.0.0'\n"
+        "  - model_id: absent\n    version: '1'\n"
+    )
+    server = Server(repository, workers=1, MODEL_SERVER_MODELS_FILE=models_file)
+    try:
+        server.start(wait_ready=False)
+        c = server.client
+
+        def failed_listed() -> bool:
+            models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+            return models.get("absent", {}).get("state") == "failed"
+
+        server.wait_for(failed_listed, 60, "the missing start-up model to fail")
+        ready = c.get("/ready")
+        assert ready.status_code == 503
+        reasons = " ".join(ready.json()["reasons"])
+        assert "absent:1" in reasons and "failed" in reasons
+        assert c.get("/health").status_code == 200
+        # The healthy start-up model serves anyway.
+        r = c.post(
+            "/v1/infer",
+            json={
+                "model_id": "fraud_detection",
+                "model_version": "2.0.0",
+                "inputs": [{"feature1": 1, "feature2": 0}],
+            },
+        )
+        assert r.status_code == 200
+        assert server.shm_segments(), "the frontend's arena lives in /dev/shm while it runs"
+        # Unloading the broken start-up model leaves nothing to wait for.
+        assert c.delete("/v1/models/absent/1").status_code == 200
+        server.wait_for(lambda: c.get("/ready").status_code == 200, 20, "ready after the unload")
+        run_dir = server.run_dir
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()[-3000:]
+    assert server.shm_segments() == []
+    assert not list(run_dir.glob("*.ipc"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "stopped: coordinator" not in server.log():
+        time.sleep(0.1)
+    assert "stopped: coordinator (exit status 0)" in server.log()

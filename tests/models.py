@@ -1,0 +1,132 @@
+"""Models the tests build themselves (onnx.helper, scikit-learn + skl2onnx) and the reference runner.
+
+Every inference test compares the server's answer with ``ort_run`` on the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def ort_run(path: Path, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+    """The reference: ONNX Runtime in the test process, CPU provider."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def linear(path: Path, features: int = 3, seed: int = 0) -> Path:
+    """y = x @ W + b, sigmoid score and argmax label; one [N, F] input with feature_names metadata."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(size=(features, 2)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(size=(2,)).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["scores"]),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+        ],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    helper.set_model_props(model, {"feature_names": ",".join(f"f{i}" for i in range(features))})
+    return save(model, path)
+
+
+def slow(path: Path, width: int = 1024, layers: int = 200) -> Path:
+    """A chain of width x width MatMuls (identity weights): seconds of CPU for a few hundred rows."""
+    eye = numpy_helper.from_array(np.eye(width, dtype=np.float32), "eye")
+    nodes = []
+    prev = "x"
+    for i in range(layers):
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "eye"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        initializer=[eye],
+    )
+    return save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def expand(path: Path) -> Path:
+    """Output shape chosen by an input: the server cannot size it in advance (spill path)."""
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "expand",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])],
+    )
+    return save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def multi_dtype(path: Path) -> Path:
+    """Several inputs of several types: int64 count + float amount + string tag + bool flag."""
+    nodes = [
+        helper.make_node("Cast", ["count"], ["count_f"], to=TensorProto.DOUBLE),
+        helper.make_node("Cast", ["amount"], ["amount_d"], to=TensorProto.DOUBLE),
+        helper.make_node("Mul", ["count_f", "amount_d"], ["total"]),
+        helper.make_node("Not", ["flag"], ["not_flag"]),
+        helper.make_node("Identity", ["tag"], ["tag_out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "multi",
+        [
+            helper.make_tensor_value_info("count", TensorProto.INT64, ["N", 1]),
+            helper.make_tensor_value_info("amount", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, ["N", 1]),
+            helper.make_tensor_value_info("tag", TensorProto.STRING, ["N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("total", TensorProto.DOUBLE, ["N", 1]),
+            helper.make_tensor_value_info("not_flag", TensorProto.BOOL, ["N", 1]),
+            helper.make_tensor_value_info("tag_out", TensorProto.STRING, ["N", 1]),
+        ],
+    )
+    return save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def sklearn_classifier(path: Path, features: list[str], seed: int = 0, zipmap: bool = False) -> Path:
+    """A scikit-learn LogisticRegression on named tabular features, through skl2onnx."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, len(features))).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, -1] > 0).astype(np.int64)
+    clf = LogisticRegression().fit(x, y)
+    model = to_onnx(clf, x[:1], options={id(clf): {"zipmap": zipmap}}, target_opset=17)
+    helper.set_model_props(model, {"feature_names": ",".join(features)})
+    return save(model, path)
