@@ -220,10 +220,9 @@ def tensors_to_records(
         json_outputs = set(schema.metadata[JSON_OUTPUTS_KEY].split(","))
     records: list[dict[str, Any]] = [{} for _ in range(rows)]
     whole: dict[str, Any] = {}
-    for name, arr in outputs:
+    for name, out in outputs:
+        arr = out.reshape(rows) if out.ndim == 2 and out.shape[0] == rows and out.shape[1] == 1 else out
         if arr.ndim >= 1 and arr.shape[0] == rows:
-            if arr.ndim == 2 and arr.shape[1] == 1:
-                arr = arr.reshape(rows)  # [N, 1] -> one scalar per row
             if name in json_outputs:
                 values: list[Any] = [orjson.loads(v) for v in arr.reshape(rows)]
             elif arr.dtype == object:

@@ -103,10 +103,7 @@ class WorkerProcess:
         cache = self.cache
         while not self.stop.is_set():
             dues = [d for d in (engine.next_due_ns(), cache.next_close_ns()) if d is not None]
-            if dues:
-                timeout_ms = max(0.0, math.ceil((min(dues) - time.monotonic_ns()) / 1e6))
-            else:
-                timeout_ms = 200.0
+            timeout_ms = max(0.0, math.ceil((min(dues) - time.monotonic_ns()) / 1e6)) if dues else 200.0
             drained = True
             if poller.poll(int(timeout_ms)):
                 drained = False
