@@ -27,6 +27,8 @@ from ipc.messages import (
     ClientLoad,
     ClientReply,
     ClientRequest,
+    ClientShmRegister,
+    ClientShmUnregister,
     ClientUnload,
     Heartbeat,
     LoadModel,
@@ -36,6 +38,7 @@ from ipc.messages import (
     ModelSchema,
     ModelUnloaded,
     RepositoryItem,
+    ShmRegion,
     TableSnapshot,
     UnloadModel,
     WorkerGoodbye,
@@ -101,6 +104,7 @@ class CoordinatorCore:
         self.models: dict[Key, ModelEntry] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.loads: dict[Key, LoadJob] = {}
+        self.regions: dict[str, ShmRegion] = {}  # client shared-memory registrations (V2)
         self.unloads: dict[Key, UnloadJob] = {}
         self.outbox: list[tuple[Destination, Any]] = []
         self.fetches: list[Fetch] = []
@@ -165,6 +169,7 @@ class CoordinatorCore:
                 for _, w in sorted(self.workers.items())
             ],
             sent_at=time.time(),
+            regions=[self.regions[name] for name in sorted(self.regions)],
         )
 
     def publish_if_due(self, now: float, force: bool = False) -> None:
@@ -209,6 +214,32 @@ class CoordinatorCore:
             self._client_ensure(peer, msg)
         elif isinstance(msg, ClientIndex):
             self._client_index(peer, msg)
+        elif isinstance(msg, ClientShmRegister):
+            self._shm_register(peer, msg)
+        elif isinstance(msg, ClientShmUnregister):
+            self._shm_unregister(peer, msg)
+
+    def _shm_register(self, peer: bytes, msg: ClientShmRegister) -> None:
+        region = msg.region
+        if region.name in self.regions:
+            self._reply(
+                peer,
+                ClientReply(
+                    msg.req, 400, f"shared memory region '{region.name}' is already registered", "conflict"
+                ),
+            )
+            return
+        self.regions[region.name] = region
+        self._changed()
+        self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
+
+    def _shm_unregister(self, peer: bytes, msg: ClientShmUnregister) -> None:
+        if msg.name:
+            self.regions.pop(msg.name, None)
+        else:
+            self.regions.clear()
+        self._changed()
+        self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
 
     def request_load(
         self,

@@ -30,6 +30,8 @@ from ipc.messages import (
     ClientGet,
     ClientIndex,
     ClientLoad,
+    ClientShmRegister,
+    ClientShmUnregister,
     ClientUnload,
     ModelConfig,
     coordinator_inbound_decoder,
@@ -46,7 +48,15 @@ from .core import CoordinatorCore, Fetch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "coordinator-state.json"
-CLIENT_REQUESTS = (ClientLoad, ClientUnload, ClientEnsure, ClientGet, ClientIndex)
+CLIENT_REQUESTS = (
+    ClientLoad,
+    ClientUnload,
+    ClientEnsure,
+    ClientGet,
+    ClientIndex,
+    ClientShmRegister,
+    ClientShmUnregister,
+)
 FETCH_THREADS = 4
 PROGRESS_MIN_INTERVAL_S = 0.5
 

@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from model_server import __version__
 from model_server.settings import Settings, get_settings
 
-from . import errors, v1
+from . import errors, v1, v2
 from .middleware import RequestContextMiddleware
 from .service import Service
 
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(v2.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -25,9 +25,12 @@ from ipc.messages import (
     ClientIndex,
     ClientLoad,
     ClientReply,
+    ClientShmRegister,
+    ClientShmUnregister,
     ClientUnload,
     ModelConfig,
     ModelEntry,
+    ShmRegion,
     TableSnapshot,
     WorkerState,
     client_inbound_decoder,
@@ -53,8 +56,10 @@ class Table:
         self.models: dict[Key, ModelEntry] = {}
         self.latest: dict[str, ModelEntry] = {}
         self.workers: dict[int, WorkerState] = {}
+        self.regions: dict[str, ShmRegion] = {}
         if snapshot is None:
             return
+        self.regions = {r.name: r for r in snapshot.regions}
         for entry in snapshot.models:
             self.models[(entry.model_id, entry.version)] = entry
         for entry in snapshot.models:
@@ -191,3 +196,9 @@ class CoordinatorClient:
 
     async def index(self) -> ClientReply:
         return await self.request(ClientIndex)
+
+    async def register_region(self, region: ShmRegion) -> ClientReply:
+        return await self.request(lambda req: ClientShmRegister(req, region))
+
+    async def unregister_region(self, name: str) -> ClientReply:
+        return await self.request(lambda req: ClientShmUnregister(req, name))

@@ -96,6 +96,7 @@ class OutputTensor:
     datatype: str
     shape: list[int]
     data: memoryview | None  # None when written to a client's region
+    nbytes: int = 0
 
     def array(self) -> Array:
         """A numpy view (BYTES: an object array of bytes). Valid until the result is released."""
@@ -462,7 +463,7 @@ class Dispatcher:
                 data = spill.view(ref.offset, ref.nbytes)
             else:
                 data = None  # a client's region: the client reads it there
-            outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data))
+            outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
         return outputs
 
 

@@ -52,6 +52,8 @@ def error_response(
     request_id = request_id_var.get()
     if request_path.startswith("/v2"):
         body: dict[str, Any] = {"error": message}
+        # The protocol's implementations answer bad input with 400 (the /v1 API uses 422).
+        status = 400 if status == 422 else status
     else:
         body = {
             "error": {"code": code, "message": message, "request_id": request_id, "details": details or {}}

@@ -80,8 +80,9 @@ def shm_free_bytes() -> int:
 class Segment:
     """One POSIX shared-memory object mapped read-write into this process."""
 
-    def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool, inode: int = 0) -> None:
         self.name = name
+        self.inode = inode
         self.size = len(mm)
         self._mm = mm
         self.buf = memoryview(mm)
@@ -116,13 +117,13 @@ class Segment:
         except FileNotFoundError:
             raise SegmentError(f"shared-memory region {name!r} does not exist") from None
         try:
-            size = os.fstat(fd).st_size
-            if size == 0:
+            stat = os.fstat(fd)
+            if stat.st_size == 0:
                 raise SegmentError(f"shared-memory region {name!r} is empty")
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(fd, stat.st_size)
         finally:
             os.close(fd)
-        return cls(name, mm, owner=False)
+        return cls(name, mm, owner=False, inode=stat.st_ino)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
@@ -250,13 +251,29 @@ class Arena:
 
 
 class SegmentCache:
-    """Segments this process attached by name (workers: frontends' arenas, client regions)."""
+    """Segments this process attached by name (workers: frontends' arenas, client regions).
 
-    def __init__(self) -> None:
+    Names under ``trusted_prefix`` are the server's own and unique per creator.
+    Any other name is a client's region, which a client may unlink and re-create
+    under the same name: those are re-checked by inode on every use, so a stale
+    mapping never receives a tensor meant for the new object.
+    """
+
+    def __init__(self, trusted_prefix: str = "msrv_") -> None:
         self._segments: dict[str, Segment] = {}
+        self.trusted_prefix = trusted_prefix
 
     def get(self, name: str) -> Segment:
         seg = self._segments.get(name)
+        if seg is not None and not name.startswith(self.trusted_prefix):
+            try:
+                current = os.stat(SHM_DIR / check_name(name)).st_ino
+            except FileNotFoundError:
+                self.forget(name)
+                raise SegmentError(f"shared-memory region {name!r} does not exist") from None
+            if current != seg.inode:
+                self.forget(name)
+                seg = None
         if seg is None:
             seg = Segment.attach(name)
             self._segments[name] = seg

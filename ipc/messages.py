@@ -280,7 +280,23 @@ class ClientIndex(msgspec.Struct, tag="c_index", array_like=True, gc=False):
     req: int
 
 
-ClientRequest = ClientLoad | ClientUnload | ClientEnsure | ClientGet | ClientIndex
+class ShmRegion(msgspec.Struct, gc=False, frozen=True):
+    """A client's system shared-memory region (V2 extension), registered server-wide."""
+
+    name: str
+    key: str  # /dev/shm object name, without the leading '/'
+    offset: int
+    byte_size: int
+
+
+class ClientShmRegister(msgspec.Struct, tag="c_shm_reg", array_like=True, gc=False):
+    req: int
+    region: ShmRegion
+
+
+class ClientShmUnregister(msgspec.Struct, tag="c_shm_unreg", array_like=True, gc=False):
+    req: int
+    name: str  # "" unregisters every region
 
 
 class RepositoryItem(msgspec.Struct, gc=False, omit_defaults=True):
@@ -288,6 +304,17 @@ class RepositoryItem(msgspec.Struct, gc=False, omit_defaults=True):
     version: str
     state: str
     reason: str = ""
+
+
+ClientRequest = (
+    ClientLoad
+    | ClientUnload
+    | ClientEnsure
+    | ClientGet
+    | ClientIndex
+    | ClientShmRegister
+    | ClientShmUnregister
+)
 
 
 class TableSnapshot(msgspec.Struct, tag="table", array_like=True, gc=False):
@@ -298,6 +325,7 @@ class TableSnapshot(msgspec.Struct, tag="table", array_like=True, gc=False):
     models: list[ModelEntry]
     workers: list[WorkerState]
     sent_at: float = 0.0
+    regions: list[ShmRegion] = []
 
 
 class ClientReply(msgspec.Struct, tag="c_reply", array_like=True, gc=False):

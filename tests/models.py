@@ -130,3 +130,27 @@ def sklearn_classifier(path: Path, features: list[str], seed: int = 0, zipmap: b
     model = to_onnx(clf, x[:1], options={id(clf): {"zipmap": zipmap}}, target_opset=17)
     helper.set_model_props(model, {"feature_names": ",".join(features)})
     return save(model, path)
+
+
+def identity_types(path: Path) -> Path:
+    """One Identity per datatype: INT8, UINT8, INT16, UINT16, INT32, UINT32, UINT64, FP16, FP64, BOOL."""
+    types = {
+        "i8": TensorProto.INT8,
+        "u8": TensorProto.UINT8,
+        "i16": TensorProto.INT16,
+        "u16": TensorProto.UINT16,
+        "i32": TensorProto.INT32,
+        "u32": TensorProto.UINT32,
+        "u64": TensorProto.UINT64,
+        "f16": TensorProto.FLOAT16,
+        "f64": TensorProto.DOUBLE,
+        "b": TensorProto.BOOL,
+    }
+    nodes = [helper.make_node("Identity", [f"in_{k}"], [f"out_{k}"]) for k in types]
+    graph = helper.make_graph(
+        nodes,
+        "types",
+        [helper.make_tensor_value_info(f"in_{k}", t, ["N", 2, 3]) for k, t in types.items()],
+        [helper.make_tensor_value_info(f"out_{k}", t, ["N", 2, 3]) for k, t in types.items()],
+    )
+    return save(helper.make_model(graph, opset_imports=OPSET), path)

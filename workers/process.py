@@ -48,7 +48,7 @@ class WorkerProcess:
         self.cache: SessionCache[LoadedModel] = SessionCache(
             settings.worker_max_models, settings.worker_max_bytes
         )
-        self.segments = SegmentCache()
+        self.segments = SegmentCache(settings.shm_prefix)
         self.engine = Engine(
             self.cache,
             self.segments,

@@ -24,6 +24,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.expand(repo / "expand" / "1" / "model.onnx")
     models.slow(repo / "slow" / "1" / "model.onnx")
     models.linear(repo / "linear" / "2" / "model.onnx", features=3, seed=7)
+    models.identity_types(repo / "types" / "1" / "model.onnx")
     return repo
 
 

@@ -1,0 +1,476 @@
+"""Open Inference Protocol (KServe V2) routes, as Triton, MLServer and KServe serve them.
+
+Same coordinator and workers as ``/v1``; errors are ``{"error": "<message>"}``.
+Extensions: binary tensor data, model repository, and (when
+``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ipc import arena
+from ipc.messages import ModelEntry, ShmRegion, TensorRef
+from model_server import __version__, naming
+from model_server.logs import request_id_var
+from model_server.models_file import ModelsFileError, model_config_from
+
+from .dispatcher import InputTensor
+from .errors import ApiError
+from .service import Service
+from .v1 import json_response, readiness, service_of
+from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+
+PLATFORM = "onnxruntime_onnx"
+HEADER_LENGTH = "inference-header-content-length"
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": 'Malformed request: `{"error": "..."}`'},
+    404: {"description": "Unknown model or version."},
+    501: {"description": "Unsupported feature or datatype."},
+    503: {"description": "Model not ready, no worker, or queue full."},
+}
+
+
+def extensions(service: Service) -> list[str]:
+    names = ["binary_tensor_data", "model_repository"]
+    if service.settings.allow_client_shm:
+        names.append("system_shared_memory")
+    return names
+
+
+# --- health and metadata ----------------------------------------------------------------
+
+
+@router.get("/health/live", summary="Server live")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/health/ready", summary="Server ready")
+async def ready(request: Request) -> Response:
+    body, ok = await readiness(service_of(request))
+    return json_response(body, 200 if ok else 503)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> Response:
+    return json_response(
+        {"name": "model-server", "version": __version__, "extensions": extensions(service_of(request))}
+    )
+
+
+async def _entry(service: Service, model: str, version: str | None, require_ready: bool = True) -> ModelEntry:
+    return await service.entry(model, version, require_ready=require_ready)
+
+
+def _versions(service: Service, model: str) -> list[str]:
+    return sorted(v for (m, v), e in service.table.models.items() if m == model and e.state == "ready")
+
+
+@router.get("/models/{model}", summary="Model metadata", responses=V2_ERRORS)
+async def model_metadata(model: str, request: Request) -> Response:
+    return await _metadata(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}", summary="Model version metadata", responses=V2_ERRORS)
+async def model_version_metadata(model: str, version: str, request: Request) -> Response:
+    return await _metadata(request, model, version)
+
+
+async def _metadata(request: Request, model: str, version: str | None) -> Response:
+    service = service_of(request)
+    entry = await _entry(service, model, version, require_ready=False)
+    schema = entry.schema
+    return json_response(
+        {
+            "name": entry.model_id,
+            "versions": _versions(service, model) or [entry.version],
+            "platform": PLATFORM,
+            "inputs": [output_entry(t.name, t.datatype, t.shape) for t in schema.inputs] if schema else [],
+            "outputs": [output_entry(t.name, t.datatype, t.shape) for t in schema.outputs] if schema else [],
+        }
+    )
+
+
+@router.get("/models/{model}/ready", summary="Model ready")
+async def model_ready(model: str, request: Request) -> Response:
+    return await _model_ready(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/ready", summary="Model version ready")
+async def model_version_ready(model: str, version: str, request: Request) -> Response:
+    return await _model_ready(request, model, version)
+
+
+async def _model_ready(request: Request, model: str, version: str | None) -> Response:
+    entry = await _entry(service_of(request), model, version, require_ready=False)
+    ok = entry.state == "ready"
+    body = {"name": entry.model_id, "version": entry.version, "ready": ok}
+    return json_response(body, 200 if ok else 400)
+
+
+@router.get("/models/{model}/config", summary="Model configuration (Triton-style)")
+async def model_config(model: str, request: Request) -> Response:
+    return await _config(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/config", summary="Model version configuration")
+async def model_version_config(model: str, version: str, request: Request) -> Response:
+    return await _config(request, model, version)
+
+
+TRITON_TYPES = {
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "FP16": "TYPE_FP16",
+    "BOOL": "TYPE_BOOL",
+    "BYTES": "TYPE_STRING",
+}
+
+
+async def _config(request: Request, model: str, version: str | None) -> Response:
+    """What Triton's config endpoint returns, so perf_analyzer and tritonclient tools work."""
+    entry = await _entry(service_of(request), model, version, require_ready=False)
+    schema = entry.schema
+    batching = entry.config.batching
+    max_batch = batching.max_batch_size if schema and schema.batched else 0
+
+    def io(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "data_type": TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}"),
+                "dims": t.shape[1:] if max_batch else t.shape,
+            }
+            for t in specs
+        ]
+
+    config: dict[str, Any] = {
+        "name": entry.model_id,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": max_batch,
+        "input": io(schema.inputs) if schema else [],
+        "output": io(schema.outputs) if schema else [],
+    }
+    if max_batch:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "preferred_batch_size": batching.preferred_batch_sizes,
+        }
+    return json_response(config)
+
+
+# --- inference -------------------------------------------------------------------------------
+
+
+@router.post("/models/{model}/infer", summary="Inference", responses=V2_ERRORS)
+async def infer(model: str, request: Request) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post(
+    "/models/{model}/versions/{version}/infer", summary="Inference on a version", responses=V2_ERRORS
+)
+async def infer_version(model: str, version: str, request: Request) -> Response:
+    return await _infer(request, model, version)
+
+
+def _decompress(request: Request, body: bytes, limit: int) -> bytes:
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(400, "bad_encoding", f"unsupported Content-Encoding {encoding!r}")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ApiError(400, "bad_encoding", f"cannot decompress the {encoding} body: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ApiError(413, "payload_too_large", f"decompressed body exceeds {limit} bytes")
+    return out
+
+
+def _region(service: Service, name: str, offset: int, size: int, where: str) -> ShmRegion:
+    region = service.table.regions.get(name)
+    if region is None:
+        raise ApiError(400, "bad_region", f"{where}: shared memory region '{name}' is not registered")
+    if offset + size > region.byte_size:
+        raise ApiError(
+            400,
+            "bad_region",
+            f"{where}: offset {offset} + size {size} exceeds shared memory region '{name}' "
+            f"of {region.byte_size} bytes",
+        )
+    return region
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    service = service_of(request)
+    raw_length = request.headers.get(HEADER_LENGTH)
+    header_length: int | None = None
+    if raw_length is not None:
+        try:
+            header_length = int(raw_length)
+        except ValueError:
+            raise ApiError(
+                400, "bad_header", f"Inference-Header-Content-Length {raw_length!r} is not a number"
+            ) from None
+    body = _decompress(request, await request.body(), service.settings.max_request_bytes)
+    entry = await service.entry(model, version)
+    assert entry.schema is not None
+    try:
+        parsed = parse_request(body, header_length, entry.schema, service.settings.allow_client_shm)
+    except ProtocolError as exc:
+        raise ApiError(exc.status, "bad_request", exc.message) from None
+    inputs: list[InputTensor] = []
+    for item in parsed.inputs:
+        if item.region is not None:
+            where = f"input '{item.name}'"
+            region = _region(service, item.region, item.region_offset, item.region_size, where)
+            ref = TensorRef(
+                item.name,
+                item.datatype,
+                item.shape,
+                region.key,
+                region.offset + item.region_offset,
+                item.region_size,
+            )
+            inputs.append(InputTensor(item.name, item.datatype, item.shape, region=ref))
+        else:
+            inputs.append(InputTensor(item.name, item.datatype, item.shape, array=item.array, raw=item.raw))
+    client_outputs: list[TensorRef] = []
+    for out in parsed.outputs:
+        if out.region is not None:
+            region = _region(service, out.region, out.region_offset, out.region_size, f"output '{out.name}'")
+            client_outputs.append(
+                TensorRef(out.name, "", [], region.key, region.offset + out.region_offset, out.region_size)
+            )
+    requested = {o.name: o for o in parsed.outputs}
+    names = [o.name for o in parsed.outputs]
+    result = await service.infer(
+        entry, inputs, names, request_id_var.get(), client_outputs, timeout_s=parsed.timeout_s
+    )
+    with result:
+        outputs: list[dict[str, Any]] = []
+        binary: list[memoryview] = []
+        for tensor in result.outputs:
+            spec = requested.get(tensor.name)
+            item = output_entry(tensor.name, tensor.datatype, tensor.shape)
+            if spec is not None and spec.region is not None:
+                item["parameters"] = {
+                    "shared_memory_region": spec.region,
+                    "shared_memory_byte_size": tensor.nbytes,
+                    "shared_memory_offset": spec.region_offset,
+                }
+            elif (spec.binary if spec is not None else parsed.binary_default) and tensor.data is not None:
+                item["parameters"] = {"binary_data_size": len(tensor.data)}
+                binary.append(tensor.data)
+            else:
+                item["data"] = json_data(tensor.array(), tensor.datatype)
+            outputs.append(item)
+        head: dict[str, Any] = {
+            "model_name": entry.model_id,
+            "model_version": entry.version,
+            "outputs": outputs,
+        }
+        if parsed.id is not None:
+            head["id"] = parsed.id
+        payload, length = encode_response(head, binary)
+    if length is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(length)},
+    )
+
+
+# --- model repository extension --------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body:
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    return data
+
+
+@router.post("/repository/index", summary="Repository index")
+async def repository_index(request: Request) -> Response:
+    body = await _json_body(request)
+    reply = await service_of(request).coordinator.index()
+    items = [
+        {"name": i.name, "version": i.version, "state": i.state, "reason": i.reason} for i in reply.index
+    ]
+    if body.get("ready"):
+        items = [i for i in items if i["state"] == "READY"]
+    return json_response(items)
+
+
+def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Batching options from load parameters, or from a Triton model config passed as ``config``."""
+    options = {k: v for k, v in parameters.items() if k not in {"config", "version", "registry_uri"}}
+    raw = parameters.get("config")
+    if raw:
+        try:
+            config = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "invalid_config", f"parameters.config is not JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ApiError(400, "invalid_config", "parameters.config must be a JSON object")
+        if "max_batch_size" in config:
+            options.setdefault("max_batch_size", config["max_batch_size"])
+        dynamic = config.get("dynamic_batching") or {}
+        if isinstance(dynamic, dict):
+            if "max_queue_delay_microseconds" in dynamic:
+                options.setdefault("max_queue_delay_us", dynamic["max_queue_delay_microseconds"])
+            if "preferred_batch_size" in dynamic:
+                options.setdefault("preferred_batch_sizes", dynamic["preferred_batch_size"])
+    return options
+
+
+@router.post("/repository/models/{model}/load", summary="Load a model", responses=V2_ERRORS)
+async def repository_load(model: str, request: Request) -> Response:
+    service = service_of(request)
+    body = await _json_body(request)
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "invalid_request", "parameters must be an object")
+    version = str(parameters.get("version") or await _default_version(service, model))
+    try:
+        naming.check_part("model name", model)
+        naming.check_part("version", version)
+        config = model_config_from(_load_options(parameters))
+    except (naming.InvalidName, ModelsFileError) as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    registry_uri = parameters.get("registry_uri")
+    entry = await service.load(model, version, str(registry_uri) if registry_uri else None, config)
+    return json_response({"name": entry.model_id, "version": entry.version, "state": "READY"})
+
+
+async def _default_version(service: Service, model: str) -> str:
+    """The newest version the repository index knows for ``model``, else "1"."""
+    from .coordinator_client import _version_key
+
+    reply = await service.coordinator.index()
+    versions = [i.version for i in reply.index if i.name == model]
+    return max(versions, key=_version_key) if versions else "1"
+
+
+@router.post("/repository/models/{model}/unload", summary="Unload a model", responses=V2_ERRORS)
+async def repository_unload(model: str, request: Request) -> Response:
+    service = service_of(request)
+    body = await _json_body(request)
+    parameters = body.get("parameters") or {}
+    await service.coordinator.refresh()
+    versions = [v for (m, v) in service.table.models if m == model]
+    if isinstance(parameters, dict) and parameters.get("version"):
+        versions = [v for v in versions if v == str(parameters["version"])]
+    if not versions:
+        raise ApiError(404, "model_not_found", f"model '{model}' is not loaded")
+    for version in versions:
+        await service.unload(model, version)
+    return json_response({"name": model, "versions": versions, "state": "UNAVAILABLE"})
+
+
+# --- system shared memory extension -------------------------------------------------------------
+
+
+def _require_shm(service: Service) -> None:
+    if not service.settings.allow_client_shm:
+        raise ApiError(
+            501,
+            "shm_disabled",
+            "system shared memory is disabled: set MODEL_SERVER_ALLOW_CLIENT_SHM=true to allow it",
+        )
+
+
+@router.post("/systemsharedmemory/region/{name}/register", summary="Register a shared-memory region")
+async def shm_register(name: str, request: Request) -> Response:
+    service = service_of(request)
+    _require_shm(service)
+    body = await _json_body(request)
+    key = body.get("key")
+    offset = body.get("offset", 0)
+    size = body.get("byte_size")
+    if not isinstance(key, str) or not key:
+        raise ApiError(400, "bad_region", "register needs a 'key' (the shm object name)")
+    if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size <= 0:
+        raise ApiError(400, "bad_region", "'offset' must be >= 0 and 'byte_size' > 0 (integers)")
+    object_name = key[1:] if key.startswith("/") else key
+    try:
+        arena.check_name(object_name)
+        stat = os.stat(arena.SHM_DIR / object_name)
+    except arena.SegmentError:
+        raise ApiError(400, "bad_region", f"invalid shared memory key {key!r}") from None
+    except FileNotFoundError:
+        raise ApiError(400, "bad_region", f"shared memory object {key!r} does not exist") from None
+    if object_name.startswith("msrv_"):
+        raise ApiError(400, "bad_region", f"{key!r} belongs to the server")
+    if offset + size > stat.st_size:
+        raise ApiError(
+            400,
+            "bad_region",
+            f"offset {offset} + byte_size {size} exceeds shared memory object {key!r} of {stat.st_size} bytes",
+        )
+    reply = await service.coordinator.register_region(ShmRegion(name, object_name, offset, size))
+    if reply.status != 200:
+        raise ApiError(reply.status, reply.code or "bad_region", reply.error)
+    return json_response({})
+
+
+@router.post("/systemsharedmemory/region/{name}/unregister", summary="Unregister one region")
+async def shm_unregister(name: str, request: Request) -> Response:
+    service = service_of(request)
+    _require_shm(service)
+    await service.coordinator.unregister_region(name)
+    return json_response({})
+
+
+@router.post("/systemsharedmemory/unregister", summary="Unregister every region")
+async def shm_unregister_all(request: Request) -> Response:
+    service = service_of(request)
+    _require_shm(service)
+    await service.coordinator.unregister_region("")
+    return json_response({})
+
+
+@router.get("/systemsharedmemory/status", summary="Every registered region")
+async def shm_status(request: Request) -> Response:
+    return await _shm_status(request, None)
+
+
+@router.get("/systemsharedmemory/region/{name}/status", summary="One region")
+async def shm_region_status(name: str, request: Request) -> Response:
+    return await _shm_status(request, name)
+
+
+async def _shm_status(request: Request, name: str | None) -> Response:
+    service = service_of(request)
+    _require_shm(service)
+    await service.coordinator.refresh()
+    regions = service.table.regions
+    if name is not None and name not in regions:
+        raise ApiError(400, "bad_region", f"shared memory region '{name}' is not registered")
+    chosen = [regions[name]] if name is not None else [regions[n] for n in sorted(regions)]
+    return json_response(
+        [{"name": r.name, "key": "/" + r.key, "offset": r.offset, "byte_size": r.byte_size} for r in chosen]
+    )

@@ -1,0 +1,343 @@
+"""Open Inference Protocol (V2), judged by tritonclient against the real stack, and raw-HTTP abuse."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as tc
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from tests.models import ort_run
+
+from .server import Server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def v2server(repository: Path) -> Iterator[Server]:
+    srv = Server(repository, workers=2, MODEL_SERVER_ALLOW_CLIENT_SHM="true")
+    try:
+        srv.start()
+        for model, version in (("linear", "1"), ("multi", "1"), ("types", "1")):
+            r = srv.client.post("/v1/models/load", json={"model_id": model, "version": version})
+            assert r.status_code == 200, r.text
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def client(v2server: Server) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(url=f"127.0.0.1:{v2server.port}")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _input(name: str, array: np.ndarray, binary: bool = True) -> tc.InferInput:
+    inp = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    inp.set_data_from_numpy(array, binary_data=binary)
+    return inp
+
+
+def test_health_and_metadata(client: tc.InferenceServerClient, v2server: Server) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "model-server"
+    assert set(meta["extensions"]) == {"binary_tensor_data", "model_repository", "system_shared_memory"}
+    model = client.get_model_metadata("linear", "1")
+    assert model["platform"] == "onnxruntime_onnx"
+    assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
+    assert {o["name"] for o in model["outputs"]} == {"scores", "label"}
+    assert client.is_model_ready("linear", "1")
+    assert not client.is_model_ready("linear", "9")
+    config = client.get_model_config("linear")
+    assert config["platform"] == "onnxruntime_onnx" and config["input"][0]["data_type"] == "TYPE_FP32"
+
+
+def test_repository_index_load_unload(client: tc.InferenceServerClient, repository: Path) -> None:
+    index = {(m["name"], m.get("version")): m for m in client.get_model_repository_index()}
+    assert index[("linear", "1")]["state"] == "READY"
+    assert index[("credit", "1")]["state"] == "UNAVAILABLE"
+    client.load_model("credit")
+    assert client.is_model_ready("credit", "1")
+    x = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    name = "X" if "X" in _inputs(client, "credit") else _inputs(client, "credit")[0]
+    result = client.infer("credit", [_input(name, x)])
+    expected = ort_run(repository / "credit" / "1" / "model.onnx", {name: x})
+    np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+    client.unload_model("credit")
+    assert not client.is_model_ready("credit")
+    with pytest.raises(InferenceServerException, match="credit"):
+        client.unload_model("credit")
+
+
+def _inputs(client: tc.InferenceServerClient, model: str) -> list[str]:
+    return [i["name"] for i in client.get_model_metadata(model)["inputs"]]
+
+
+def test_infer_json_binary_and_request_id(client: tc.InferenceServerClient, repository: Path) -> None:
+    x = np.random.default_rng(2).normal(size=(7, 3)).astype(np.float32)
+    expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+    # JSON in, JSON out (outputs named, binary_data=False).
+    outs = [
+        tc.InferRequestedOutput("scores", binary_data=False),
+        tc.InferRequestedOutput("label", binary_data=False),
+    ]
+    result = client.infer(
+        "linear", [_input("x", x, binary=False)], model_version="1", outputs=outs, request_id="r-42"
+    )
+    assert result.get_response()["id"] == "r-42"
+    np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+    np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+    # tritonclient's default path: binary inputs, no outputs named -> binary outputs.
+    result = client.infer("linear", [_input("x", x)], model_version="1")
+    response = result.get_response()
+    assert all("binary_data_size" in o["parameters"] for o in response["outputs"])
+    np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+    np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+    # Compressed request body.
+    result = client.infer("linear", [_input("x", x)], model_version="1", request_compression_algorithm="gzip")
+    np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+
+
+def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path) -> None:
+    rng = np.random.default_rng(5)
+    arrays = {
+        "i8": rng.integers(-128, 127, size=(3, 2, 3)).astype(np.int8),
+        "u8": rng.integers(0, 255, size=(3, 2, 3)).astype(np.uint8),
+        "i16": rng.integers(-30000, 30000, size=(3, 2, 3)).astype(np.int16),
+        "u16": rng.integers(0, 65000, size=(3, 2, 3)).astype(np.uint16),
+        "i32": rng.integers(-(2**31), 2**31 - 1, size=(3, 2, 3)).astype(np.int32),
+        "u32": rng.integers(0, 2**32 - 1, size=(3, 2, 3)).astype(np.uint32),
+        "u64": rng.integers(0, 2**63, size=(3, 2, 3)).astype(np.uint64),
+        "f16": rng.normal(size=(3, 2, 3)).astype(np.float16),
+        "f64": rng.normal(size=(3, 2, 3)),
+        "b": rng.integers(0, 2, size=(3, 2, 3)).astype(bool),
+    }
+    feeds = {f"in_{k}": v for k, v in arrays.items()}
+    expected = ort_run(repository / "types" / "1" / "model.onnx", feeds)
+    for binary in (True, False):
+        inputs = [_input(name, value, binary=binary) for name, value in feeds.items()]
+        outputs = [tc.InferRequestedOutput(f"out_{k}", binary_data=binary) for k in arrays]
+        result = client.infer("types", inputs, outputs=outputs)
+        for k in arrays:
+            got = result.as_numpy(f"out_{k}")
+            assert got.dtype == expected[f"out_{k}"].dtype, k
+            np.testing.assert_array_equal(got, expected[f"out_{k}"], err_msg=f"{k} binary={binary}")
+
+
+def test_bytes_and_bool(client: tc.InferenceServerClient, repository: Path) -> None:
+    feeds = {
+        "count": np.array([[2], [5], [-1]], dtype=np.int64),
+        "amount": np.array([[1.5], [0.5], [4.0]], dtype=np.float32),
+        "flag": np.array([[True], [False], [True]]),
+        "tag": np.array([["a"], [""], ["ünï"]], dtype=object),
+    }
+    expected = ort_run(repository / "multi" / "1" / "model.onnx", feeds)
+    for binary in (True, False):
+        inputs = [
+            _input("count", feeds["count"], binary),
+            _input("amount", feeds["amount"], binary),
+            _input("flag", feeds["flag"], binary),
+            _input("tag", np.array([[s.encode()] for s in feeds["tag"][:, 0]], dtype=object), binary),
+        ]
+        outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("total", "not_flag", "tag_out")]
+        result = client.infer("multi", inputs, outputs=outs)
+        np.testing.assert_allclose(result.as_numpy("total"), expected["total"])
+        np.testing.assert_array_equal(result.as_numpy("not_flag"), expected["not_flag"])
+        tags = [t.decode() if isinstance(t, bytes) else t for t in result.as_numpy("tag_out").reshape(-1)]
+        assert tags == list(expected["tag_out"].reshape(-1))
+
+
+@contextlib.contextmanager
+def _region(client: tc.InferenceServerClient, name: str, size: int) -> Iterator[object]:
+    key = f"/ms_test_{name}_{secrets.token_hex(3)}"
+    handle = shm.create_shared_memory_region(name, key, size)
+    try:
+        client.register_system_shared_memory(name, key, size)
+        yield handle
+    finally:
+        with contextlib.suppress(InferenceServerException):
+            client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_shared_memory_inputs_and_outputs(
+    client: tc.InferenceServerClient, repository: Path, v2server: Server
+) -> None:
+    x = np.random.default_rng(9).normal(size=(6, 3)).astype(np.float32)
+    expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+    scores_size = expected["scores"].nbytes
+    with (
+        _region(client, "in0", x.nbytes) as in_handle,
+        _region(client, "out0", scores_size + 64) as out_handle,
+    ):
+        shm.set_shared_memory_region(in_handle, [x])
+        status = {r["name"]: r for r in client.get_system_shared_memory_status()}
+        assert status["in0"]["byte_size"] == x.nbytes
+        inp = tc.InferInput("x", list(x.shape), "FP32")
+        inp.set_shared_memory("in0", x.nbytes)
+        out = tc.InferRequestedOutput("scores", binary_data=True)
+        out.set_shared_memory("out0", scores_size)
+        label = tc.InferRequestedOutput("label", binary_data=True)
+        result = client.infer("linear", [inp], outputs=[out, label])
+        meta = result.get_output("scores")
+        assert meta["parameters"]["shared_memory_region"] == "out0"
+        assert "data" not in meta
+        got = shm.get_contents_as_numpy(out_handle, np.float32, [6, 2])
+        np.testing.assert_allclose(got, expected["scores"], rtol=1e-6)
+        np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+        too_small = tc.InferRequestedOutput("scores", binary_data=True)
+        too_small.set_shared_memory("out0", 8)
+        with pytest.raises(InferenceServerException, match="needs 48 bytes"):
+            client.infer("linear", [inp], outputs=[too_small])
+    with pytest.raises(InferenceServerException, match="not registered"):
+        client.infer("linear", [inp])
+
+
+def test_errors_raise_with_the_servers_message(client: tc.InferenceServerClient) -> None:
+    x = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(InferenceServerException, match="not loaded") as exc:
+        client.infer("no_such_model", [_input("x", x)])
+    assert exc.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="datatype FP64 does not match") as exc:
+        client.infer("linear", [_input("x", x.astype(np.float64))])
+    assert exc.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="shape"):
+        client.infer("linear", [_input("x", np.ones((2, 4), dtype=np.float32))])
+    with pytest.raises(InferenceServerException, match="unexpected inference output 'nope'"):
+        client.infer("linear", [_input("x", x)], outputs=[tc.InferRequestedOutput("nope")])
+    with pytest.raises(InferenceServerException, match="does not exist"):
+        client.register_system_shared_memory("ghost", "/ms_no_such_region", 64)
+
+
+def _post(server: Server, body: bytes, headers: dict[str, str], model: str = "linear") -> httpx.Response:
+    return server.client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def test_malformed_requests_get_400_and_the_server_keeps_serving(v2server: Server) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": 24}}
+            ]
+        }
+    )
+    good = header + x.tobytes()
+    r = _post(v2server, good, {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+
+    cases = {
+        "length past the body": (
+            good,
+            {"Inference-Header-Content-Length": str(len(good) + 10)},
+            "outside the body",
+        ),
+        "length inside the JSON": (
+            good,
+            {"Inference-Header-Content-Length": str(len(header) - 5)},
+            "not valid JSON",
+        ),
+        "length not a number": (good, {"Inference-Header-Content-Length": "abc"}, "not a number"),
+        "binary short": (
+            header + x.tobytes()[:20],
+            {"Inference-Header-Content-Length": str(len(header))},
+            "runs past",
+        ),
+        "binary extra": (
+            header + x.tobytes() + b"\0" * 8,
+            {"Inference-Header-Content-Length": str(len(header))},
+            "belong to no input",
+        ),
+    }
+    for label, (body, headers, message) in cases.items():
+        r = _post(v2server, body, headers)
+        assert r.status_code == 400, (label, r.text)
+        assert message in r.json()["error"], (label, r.json())
+
+    def json_case(inputs: list[dict[str, object]], message: str, status: int = 400) -> None:
+        r = _post(v2server, orjson.dumps({"inputs": inputs}), {"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"], r.json()
+
+    json_case(
+        [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}], "do not fill shape"
+    )
+    json_case([{"name": "x", "shape": [2, 3], "datatype": "FLOAT", "data": [1] * 6}], "unknown datatype")
+    json_case([{"name": "x", "shape": [2, 3], "datatype": "BF16", "data": [1] * 6}], "not supported", 501)
+    json_case([{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": ["a"] * 6}], "must be numbers")
+    json_case(
+        [{"name": "y", "shape": [2, 3], "datatype": "FP32", "data": [1] * 6}], "unexpected inference input"
+    )
+    json_case(
+        [
+            {
+                "name": "x",
+                "shape": [2, 3],
+                "datatype": "FP32",
+                "parameters": {"shared_memory_region": "nowhere", "shared_memory_byte_size": 24},
+            }
+        ],
+        "not registered",
+    )
+    r = _post(v2server, b"{", {"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+    # A region that exists but is smaller than the request says.
+    key = f"/ms_small_{secrets.token_hex(3)}"
+    handle = shm.create_shared_memory_region("small", key, 16)
+    try:
+        reg = v2server.client.post(
+            "/v2/systemsharedmemory/region/small/register", json={"key": key, "byte_size": 16}
+        )
+        assert reg.status_code == 200, reg.text
+        json_case(
+            [
+                {
+                    "name": "x",
+                    "shape": [2, 3],
+                    "datatype": "FP32",
+                    "parameters": {"shared_memory_region": "small", "shared_memory_byte_size": 24},
+                }
+            ],
+            "exceeds shared memory region 'small'",
+        )
+        bad = v2server.client.post(
+            "/v2/systemsharedmemory/region/big/register", json={"key": key, "byte_size": 4096}
+        )
+        assert bad.status_code == 400 and "exceeds" in bad.json()["error"]
+        traversal = v2server.client.post(
+            "/v2/systemsharedmemory/region/evil/register", json={"key": "/../etc/passwd", "byte_size": 4}
+        )
+        assert traversal.status_code == 400
+    finally:
+        v2server.client.post("/v2/systemsharedmemory/region/small/unregister")
+        shm.destroy_shared_memory_region(handle)
+    r = _post(v2server, good, {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200
+    # Binary inputs, no binary outputs asked for: a plain JSON answer.
+    assert "Inference-Header-Content-Length" not in r.headers
+    expected = ort_run(v2server.repository / "linear" / "1" / "model.onnx", {"x": x})
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    np.testing.assert_allclose(
+        np.array(outputs["scores"]["data"]).reshape(2, 2), expected["scores"], rtol=1e-6
+    )
+
+
+def test_shm_is_off_by_default(server: Server) -> None:
+    r = server.client.post("/v2/systemsharedmemory/region/a/register", json={"key": "/x", "byte_size": 8})
+    assert r.status_code == 501 and "MODEL_SERVER_ALLOW_CLIENT_SHM" in r.json()["error"]
+    meta = server.client.get("/v2").json()
+    assert "system_shared_memory" not in meta["extensions"]
