@@ -267,19 +267,19 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         binary: list[memoryview] = []
         for tensor in result.outputs:
             spec = requested.get(tensor.name)
-            item = output_entry(tensor.name, tensor.datatype, tensor.shape)
+            out = output_entry(tensor.name, tensor.datatype, tensor.shape)
             if spec is not None and spec.region is not None:
-                item["parameters"] = {
+                out["parameters"] = {
                     "shared_memory_region": spec.region,
                     "shared_memory_byte_size": tensor.nbytes,
                     "shared_memory_offset": spec.region_offset,
                 }
             elif (spec.binary if spec is not None else parsed.binary_default) and tensor.data is not None:
-                item["parameters"] = {"binary_data_size": len(tensor.data)}
+                out["parameters"] = {"binary_data_size": len(tensor.data)}
                 binary.append(tensor.data)
             else:
-                item["data"] = json_data(tensor.array(), tensor.datatype)
-            outputs.append(item)
+                out["data"] = json_data(tensor.array(), tensor.datatype)
+            outputs.append(out)
         head: dict[str, Any] = {
             "model_name": entry.model_id,
             "model_version": entry.version,
@@ -429,7 +429,8 @@ async def shm_register(name: str, request: Request) -> Response:
         raise ApiError(
             400,
             "bad_region",
-            f"offset {offset} + byte_size {size} exceeds shared memory object {key!r} of {stat.st_size} bytes",
+            f"offset {offset} + byte_size {size} exceeds shared memory object {key!r} "
+            f"of {stat.st_size} bytes",
         )
     reply = await service.coordinator.register_region(ShmRegion(name, object_name, offset, size))
     if reply.status != 200:

@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe V2) request/response bodies, with Triton's binary and shared-memory extensions.
+"""Open Inference Protocol (KServe V2) bodies, with Triton's binary and shared-memory extensions.
 
 Pure functions over bytes and dicts, so malformed bodies are tested without a
 server. Every problem is a ``ProtocolError`` whose message says what is wrong
@@ -200,7 +200,8 @@ def parse_request(
             size = _int_param(params, "binary_data_size", where, required=True)
             if pos + size > len(binary):
                 raise ProtocolError(
-                    f"{where}: binary_data_size {size} runs past the {len(binary)} binary bytes after the header"
+                    f"{where}: binary_data_size {size} runs past the {len(binary)} "
+                    "binary bytes after the header"
                 )
             chunk = binary[pos : pos + size]
             pos += size
@@ -268,7 +269,7 @@ def parse_request(
 
 
 def _int_param(params: dict[str, Any], key: str, where: str, required: bool = False) -> int:
-    value = params.get(key, None)
+    value = params.get(key)
     if value is None:
         if required:
             raise ProtocolError(f"{where}: parameters.{key} is required")
