@@ -267,19 +267,19 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         binary: list[memoryview] = []
         for tensor in result.outputs:
             spec = requested.get(tensor.name)
-            out = output_entry(tensor.name, tensor.datatype, tensor.shape)
+            entry_out = output_entry(tensor.name, tensor.datatype, tensor.shape)
             if spec is not None and spec.region is not None:
-                out["parameters"] = {
+                entry_out["parameters"] = {
                     "shared_memory_region": spec.region,
                     "shared_memory_byte_size": tensor.nbytes,
                     "shared_memory_offset": spec.region_offset,
                 }
             elif (spec.binary if spec is not None else parsed.binary_default) and tensor.data is not None:
-                out["parameters"] = {"binary_data_size": len(tensor.data)}
+                entry_out["parameters"] = {"binary_data_size": len(tensor.data)}
                 binary.append(tensor.data)
             else:
-                out["data"] = json_data(tensor.array(), tensor.datatype)
-            outputs.append(out)
+                entry_out["data"] = json_data(tensor.array(), tensor.datatype)
+            outputs.append(entry_out)
         head: dict[str, Any] = {
             "model_name": entry.model_id,
             "model_version": entry.version,
