@@ -46,6 +46,7 @@ from ipc.messages import (
     WorkerState,
     WorkerToCoordinator,
 )
+from model_server import metrics
 from model_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class CoordinatorCore:
             ],
             sent_at=time.time(),
             regions=[self.regions[name] for name in sorted(self.regions)],
+            evictions=self.evictions,
         )
 
     def publish_if_due(self, now: float, force: bool = False) -> None:
@@ -436,6 +438,7 @@ class CoordinatorCore:
         entry.error_status = status
         entry.progress = {}
         self.load_failures += 1
+        metrics.LOAD_FAILURES.labels(entry.model_id).inc()
         log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
         for peer, req in job.waiters:
             self._reply(peer, ClientReply(req, status, message, "load_failed", entry=entry))
@@ -558,6 +561,7 @@ class CoordinatorCore:
                 entry.loaded_at = time.time()
                 if job is not None:
                     entry.load_ms = round((self.clock() - job.started) * 1000, 1)
+                    metrics.LOAD_DURATION.labels(entry.model_id).observe(entry.load_ms / 1000)
                 log.info("model %s:%s ready on worker %d", key[0], key[1], msg.index)
             if job is not None:
                 for peer, req in job.waiters:

@@ -38,7 +38,7 @@ from ipc.messages import (
     encode,
 )
 from loader.errors import LoadError
-from model_server import exitcodes
+from model_server import exitcodes, metrics
 from model_server.models_file import ModelsFileError, read_models_file
 from model_server.roles import ShutdownFlag, start_role
 from model_server.settings import Settings, get_settings
@@ -59,6 +59,7 @@ CLIENT_REQUESTS = (
 )
 FETCH_THREADS = 4
 PROGRESS_MIN_INTERVAL_S = 0.5
+METRICS_SWEEP_S = 5.0
 
 
 class CoordinatorProcess:
@@ -149,8 +150,14 @@ class CoordinatorProcess:
         poller.register(self._wake_r, zmq.POLLIN)
         self._startup_models()
         log.info("coordinator up (run dir %s)", self.settings.run_dir)
+        metrics_dir = metrics.multiprocess_dir()
+        next_sweep = time.monotonic()
         try:
             while not self.stop.is_set():
+                if metrics_dir is not None and time.monotonic() >= next_sweep:
+                    # Live gauges of dead workers/frontends must stop counting.
+                    metrics.sweep_dead(metrics_dir, arena.pid_alive)
+                    next_sweep = time.monotonic() + METRICS_SWEEP_S
                 events = dict(poller.poll(100))
                 if router in events:
                     self._drain(router)

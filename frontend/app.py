@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from model_server import __version__
+from ipc.arena import pid_alive
+from model_server import __version__, metrics
 from model_server.settings import Settings, get_settings
 
 from . import errors, v1, v2
-from .middleware import RequestContextMiddleware
+from .middleware import Activity, RequestContextMiddleware
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings)
         app.state.service = service
+        directory = metrics.multiprocess_dir()
+        if directory is not None:
+            metrics.sweep_dead(directory, pid_alive)
         await service.start()
         log.info(
             "frontend ready (arena %s, %d bytes)", service.dispatcher.arena.name, settings.shm_arena_bytes
@@ -63,7 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Inference-Header-Content-Length", "Retry-After"],
         )
     # Outermost, so the request id is set for everything below, CORS included.
+    app.state.activity = Activity()
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_request_bytes, access_log=settings.access_log
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
+        activity=app.state.activity,
     )
     return app

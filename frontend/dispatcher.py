@@ -47,6 +47,7 @@ from ipc.messages import (
     encode,
     infer_reply_decoder,
 )
+from model_server import metrics
 
 from .coordinator_client import Table
 
@@ -125,6 +126,7 @@ class InferResult:
         self._release = None
         self.outputs = []
         arena.free(slot)
+        metrics.SHM_IN_USE.set(arena.allocator.used_bytes)
         if spill is not None:
             spill.unlink()
             spill.close()
@@ -301,6 +303,7 @@ class Dispatcher:
     def _free(self, slot: Slot | None) -> None:
         if slot is not None:
             self.arena.free(slot)
+            metrics.SHM_IN_USE.set(self.arena.allocator.used_bytes)
 
     @staticmethod
     def _drop_spill(name: str) -> None:
@@ -349,6 +352,7 @@ class Dispatcher:
         out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
         try:
             slot = self.arena.alloc(input_bytes + out_bytes)
+            metrics.SHM_IN_USE.set(self.arena.allocator.used_bytes)
         except TooLarge as exc:
             raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
         except ArenaFull as exc:
@@ -412,7 +416,7 @@ class Dispatcher:
             owner = "result"
         finally:
             if owner == "frontend":
-                self.arena.free(slot)
+                self._free(slot)
                 if spill is not None:
                     spill.unlink()
                     spill.close()

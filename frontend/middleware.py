@@ -27,9 +27,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class Activity:
+    """HTTP requests in progress in this process (read by the drain on SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, access_log: bool = True, activity: Activity | None = None
+    ) -> None:
         self.app = app
+        self.activity = activity or Activity()
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
 
@@ -53,6 +63,7 @@ class RequestContextMiddleware:
         if not request_id:
             request_id = uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        self.activity.active += 1
         header = (b"x-request-id", request_id.encode())
         status = [0]
 
@@ -82,6 +93,7 @@ class RequestContextMiddleware:
                 if status[0] == 0:
                     await self._too_large(scope, send_with_id, seen[0])
         finally:
+            self.activity.active -= 1
             if self.access_log:
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 path = scope["path"]

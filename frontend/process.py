@@ -7,11 +7,18 @@ processes listening on the port.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import sys
+import threading
+import time
+from collections.abc import Generator
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from model_server import exitcodes
 from model_server.roles import start_role
@@ -33,9 +40,62 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain: on SIGTERM, /ready and new inferences answer 503 at once while the
+    requests already running finish (up to MODEL_SERVER_DRAIN_SECONDS); then uvicorn shuts down.
+
+    The signal handler only records the time; the drain runs in ``on_tick`` on the event loop.
+    A second signal exits at once. The process exits 0 after a drain, not by re-raising the signal.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_seconds = drain_seconds
+        self.drain_started: float | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+        else:
+            self.should_exit = True
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        done = await super().on_tick(counter)
+        if self.drain_started is None:
+            return done
+        service = getattr(self.app.state, "service", None)
+        if service is not None and not service.draining:
+            service.draining = True
+            log.info(
+                "draining: refusing new requests, waiting up to %.0f s for running ones", self.drain_seconds
+            )
+        active = self.app.state.activity.active
+        waited = time.monotonic() - self.drain_started
+        if active == 0 or waited >= self.drain_seconds:
+            if active:
+                log.warning("drain time is up with %d request(s) still running", active)
+            return True
+        return done
+
+
 def build_server(settings: Settings) -> uvicorn.Server:
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -44,10 +104,10 @@ def build_server(settings: Settings) -> uvicorn.Server:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.drain_seconds) or None,
+        timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
         timeout_keep_alive=30,
     )
-    return uvicorn.Server(config)
+    return DrainingServer(config, app, settings.drain_seconds)
 
 
 def main() -> int:

@@ -7,12 +7,17 @@ eviction removed from every worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq.asyncio
 
 from ipc.messages import ModelConfig, ModelEntry, TensorRef
+from model_server import metrics
 from model_server.settings import Settings
 
 from .coordinator_client import CoordinatorClient, Table
@@ -20,6 +25,16 @@ from .dispatcher import Dispatcher, DispatchError, InferResult, InputTensor
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tracker:
+    """What one inference request's metrics need, filled in as the request goes."""
+
+    model: str = ""  # set once the model is known: unknown names never become label values
+    version: str = ""
+    result: InferResult | None = None
+
 
 # Dispatch failures after which a fresh table (and possibly a reload) is worth one retry.
 RETRYABLE = frozenset({"model_not_loaded", "no_worker"})
@@ -48,6 +63,28 @@ class Service:
     @property
     def table(self) -> Table:
         return self.coordinator.table
+
+    @contextlib.contextmanager
+    def track(self, protocol: str) -> Iterator[Tracker]:
+        """Count one inference request: outcome, latency, queue and compute time, in flight."""
+        tracker = Tracker()
+        metrics.INFLIGHT.inc()
+        started = time.perf_counter()
+        status = 500
+        try:
+            yield tracker
+            status = 200
+        except (ApiError, DispatchError) as exc:
+            status = 400 if (protocol == "v2" and exc.status == 422) else exc.status
+            raise
+        finally:
+            metrics.INFLIGHT.dec()
+            model = tracker.model or "unknown"
+            metrics.REQUESTS.labels(model, tracker.version, protocol, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(model, protocol).observe(time.perf_counter() - started)
+            if tracker.result is not None:
+                metrics.QUEUE_DURATION.labels(model).observe(tracker.result.queue_us / 1e6)
+                metrics.COMPUTE_DURATION.labels(model).observe(tracker.result.compute_us / 1e6)
 
     # --- models ----------------------------------------------------------------------
     def _lookup(self, model_id: str, version: str | None) -> ModelEntry | None:

@@ -6,10 +6,11 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from ipc.messages import ModelEntry
-from model_server import naming
+from model_server import metrics, naming
 from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
@@ -26,7 +27,7 @@ from .schemas import (
     ModelList,
     ReadyResponse,
 )
-from .service import Service
+from .service import Service, Tracker
 
 router = APIRouter()
 
@@ -109,6 +110,19 @@ async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
         "workers": sum(1 for w in table.workers if w.alive),
     }
     return body, table.ready
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}},
+)
+async def prometheus_metrics(request: Request) -> Response:
+    """Every process's metrics (multiprocess mode) plus the coordinator's table."""
+    service = service_of(request)
+    body = metrics.exposition(lambda: service.table.snapshot)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(
@@ -195,6 +209,11 @@ INFER_BODY = {
 async def infer(request: Request) -> Response:
     """Run one batch: all records (or named tensors) go to the model in a single ONNX Runtime call."""
     service = service_of(request)
+    with service.track("v1") as tracker:
+        return await _infer(request, service, tracker)
+
+
+async def _infer(request: Request, service: Service, tracker: Tracker) -> Response:
     payload = _parse(await request.body())
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
@@ -210,6 +229,7 @@ async def infer(request: Request) -> Response:
         raise ApiError(422, "invalid_request", "outputs: a list of output names is expected")
     entry = await service.entry(model_id, version)
     assert entry.schema is not None
+    tracker.model, tracker.version = entry.model_id, entry.version
     raw_inputs = payload.get("inputs")
     try:
         if isinstance(raw_inputs, list):
@@ -234,6 +254,7 @@ async def infer(request: Request) -> Response:
     request_id = request_id_var.get()
     timeout_s = timeout_ms / 1000 if timeout_ms else None
     with await service.infer(entry, inputs, outputs, request_id, timeout_s=timeout_s) as result:
+        tracker.result = result
         records, whole = tensors_to_records([(o.name, o.array()) for o in result.outputs], rows, entry.schema)
     body: dict[str, Any] = {
         "request_id": request_id,

@@ -23,7 +23,7 @@ from model_server.models_file import ModelsFileError, model_config_from
 
 from .dispatcher import InputTensor
 from .errors import ApiError
-from .service import Service
+from .service import Service, Tracker
 from .v1 import json_response, readiness, service_of
 from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
 
@@ -218,6 +218,13 @@ def _region(service: Service, name: str, offset: int, size: int, where: str) -> 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
+    with service.track("v2") as tracker:
+        return await _infer_tracked(request, service, tracker, model, version)
+
+
+async def _infer_tracked(
+    request: Request, service: Service, tracker: Tracker, model: str, version: str | None
+) -> Response:
     raw_length = request.headers.get(HEADER_LENGTH)
     header_length: int | None = None
     if raw_length is not None:
@@ -230,6 +237,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     body = _decompress(request, await request.body(), service.settings.max_request_bytes)
     entry = await service.entry(model, version)
     assert entry.schema is not None
+    tracker.model, tracker.version = entry.model_id, entry.version
     try:
         parsed = parse_request(body, header_length, entry.schema, service.settings.allow_client_shm)
     except ProtocolError as exc:
@@ -263,6 +271,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         entry, inputs, names, request_id_var.get(), client_outputs, timeout_s=parsed.timeout_s
     )
     with result:
+        tracker.result = result
         outputs: list[dict[str, Any]] = []
         binary: list[memoryview] = []
         for tensor in result.outputs:

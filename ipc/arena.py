@@ -319,7 +319,7 @@ def owner_pid(name: str, prefix: str) -> int | None:
     return int(match.group("pid")) if match else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -340,7 +340,7 @@ def sweep(prefix: str, only_dead: bool = True) -> list[str]:
         if not name.startswith(prefix):
             continue
         pid = owner_pid(name, prefix)
-        if only_dead and pid is not None and _pid_alive(pid):
+        if only_dead and pid is not None and pid_alive(pid):
             continue
         try:
             os.unlink(SHM_DIR / name)

@@ -326,6 +326,7 @@ class TableSnapshot(msgspec.Struct, tag="table", array_like=True, gc=False):
     workers: list[WorkerState]
     sent_at: float = 0.0
     regions: list[ShmRegion] = []
+    evictions: int = 0  # LRU evictions reported by workers since the coordinator started
 
 
 class ClientReply(msgspec.Struct, tag="c_reply", array_like=True, gc=False):

@@ -54,6 +54,8 @@ def supervisor_env(settings: Settings) -> dict[str, str]:
             "MODEL_SERVER_SUPERVISOR_LOG_LEVEL": SUPERVISOR_LEVELS.get(settings.log_level, "info"),
             "MODEL_SERVER_MODEL_REPOSITORY": str(settings.model_repository.resolve()),
             "PYTHONUNBUFFERED": "1",
+            # prometheus-client's multiprocess mode: every process writes here, /metrics sums it.
+            "PROMETHEUS_MULTIPROC_DIR": str(settings.run_dir.resolve() / "metrics"),
         }
     )
     if settings.models_file:
@@ -78,6 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not settings.models_file:
             settings.models_file = demo.models_file(settings.run_dir / "demo-models.yaml")
     env = supervisor_env(settings)
+    metrics_dir = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # values of an earlier run must not add up
+    metrics_dir.mkdir(parents=True)
     supervisord = shutil.which("supervisord") or str(Path(sys.executable).with_name("supervisord"))
     print(
         f"starting coordinator, {settings.workers} worker(s) and {settings.frontend_processes} frontend(s) "

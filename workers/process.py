@@ -22,7 +22,7 @@ import zmq
 from ipc import endpoints
 from ipc.arena import SegmentCache, SpillWriter
 from ipc.messages import BatchConfig, encode, infer_request_decoder
-from model_server import exitcodes
+from model_server import exitcodes, metrics
 from model_server.roles import ShutdownFlag, start_role
 from model_server.settings import Settings, get_settings
 
@@ -125,6 +125,7 @@ class WorkerProcess:
                         send([to, encode(reply)])
             for to, reply in engine.flush():
                 send([to, encode(reply)])
+            metrics.QUEUED.set(engine.queued)
             if drained:
                 # Every request sent before an unload's grace ended has been taken: close it now.
                 cache.close_due(time.monotonic_ns())

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from ipc import datatypes
 from ipc.arena import ALIGNMENT, SegmentCache, SegmentError, SpillWriter
 from ipc.messages import BatchConfig, InferReply, InferRequest, ModelSchema, Status, TensorRef
+from model_server import metrics
 from model_server.logs import request_id_var
 
 from .batching import ModelQueue, Pending, Policy, merge, rows_of, signature_of, split
@@ -235,6 +236,7 @@ class Engine:
                     model.policy = None
                     return out + self._run_each(live, live_feeds)
             total_rows = sum(r for r in rows if r > 0)
+            metrics.BATCH_ROWS.labels(first.model_id).observe(total_rows)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "ran %s:%s: %d request(s), %d row(s), %d us",

@@ -1,0 +1,188 @@
+"""Prometheus metrics: every name and label in one place (the README's metrics table mirrors this).
+
+Several processes serve one server, so prometheus-client runs in multiprocess
+mode: ``model-server serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at
+``<run dir>/metrics`` for every process, each process writes its own values
+there, and any frontend's ``/metrics`` aggregates them. Facts the coordinator
+owns (models, their memory, workers up, restarts, evictions) are read from the
+frontend's copy of the coordinator's table at scrape time instead
+(``TableCollector``), so they are never stale or double counted.
+
+=================================================  =========  ================================
+name                                               kind       labels
+=================================================  =========  ================================
+model_server_requests_total                        counter    model, version, protocol, status
+model_server_request_duration_seconds              histogram  model, protocol
+model_server_queue_duration_seconds                histogram  model
+model_server_compute_duration_seconds              histogram  model
+model_server_batch_size_rows                       histogram  model (rows per ONNX Runtime call)
+model_server_inflight_requests                     gauge      (sum over frontends)
+model_server_queued_requests                       gauge      (sum over workers' batch queues)
+model_server_shm_bytes_in_use                      gauge      (sum over frontend arenas)
+model_server_model_load_duration_seconds           histogram  model
+model_server_model_load_failures_total             counter    model
+model_server_models                                gauge      state
+model_server_model_memory_bytes                    gauge      model, version
+model_server_model_workers                         gauge      model, version
+model_server_worker_up                             gauge      worker, device
+model_server_worker_restarts_total                 counter    worker
+model_server_worker_rss_bytes                      gauge      worker
+model_server_evictions_total                       counter    (LRU evictions, all workers)
+=================================================  =========  ================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter(
+    "model_server_requests", "Inference requests answered.", ["model", "version", "protocol", "status"]
+)
+REQUEST_DURATION = Histogram(
+    "model_server_request_duration_seconds",
+    "Time from request received to response ready, in the frontend.",
+    ["model", "protocol"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DURATION = Histogram(
+    "model_server_queue_duration_seconds",
+    "Time a request waited in the worker before its ONNX Runtime call (batching included).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_DURATION = Histogram(
+    "model_server_compute_duration_seconds",
+    "Duration of the ONNX Runtime call that served a request.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_ROWS = Histogram(
+    "model_server_batch_size_rows",
+    "Rows per ONNX Runtime call, as executed.",
+    ["model"],
+    buckets=BATCH_BUCKETS,
+)
+INFLIGHT = Gauge(
+    "model_server_inflight_requests",
+    "Inference requests being served by the frontends.",
+    multiprocess_mode="livesum",
+)
+QUEUED = Gauge(
+    "model_server_queued_requests",
+    "Requests waiting in the workers' batching queues.",
+    multiprocess_mode="livesum",
+)
+SHM_IN_USE = Gauge(
+    "model_server_shm_bytes_in_use",
+    "Bytes of the frontends' shared-memory arenas in use.",
+    multiprocess_mode="livesum",
+)
+LOAD_DURATION = Histogram(
+    "model_server_model_load_duration_seconds",
+    "Time from load request to model ready (download included).",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+)
+LOAD_FAILURES = Counter("model_server_model_load_failures", "Model loads that failed.", ["model"])
+
+
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+_DB_PID = re.compile(r"_(\d+)\.db$")
+
+
+def sweep_dead(directory: Path, alive: Callable[[int], bool]) -> int:
+    """Forget live gauges of processes that died (a restarted frontend or worker)."""
+    from prometheus_client import multiprocess
+
+    dead = 0
+    for path in directory.glob("gauge_live*.db"):
+        match = _DB_PID.search(path.name)
+        if match and not alive(int(match.group(1))):
+            multiprocess.mark_process_dead(int(match.group(1)), str(directory))  # type: ignore[no-untyped-call]
+            dead += 1
+    return dead
+
+
+class TableCollector(Collector):
+    """Coordinator-owned facts, read from the frontend's table snapshot at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Any]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        table = self.snapshot()
+        if table is None:
+            return
+        states = GaugeMetricFamily(
+            "model_server_models", "Models known to the coordinator, by state.", labels=["state"]
+        )
+        counts: dict[str, int] = {}
+        memory = GaugeMetricFamily(
+            "model_server_model_memory_bytes",
+            "Resident memory of a model in one worker.",
+            labels=["model", "version"],
+        )
+        holders = GaugeMetricFamily(
+            "model_server_model_workers", "Workers holding a model's session.", labels=["model", "version"]
+        )
+        for entry in table.models:
+            counts[entry.state] = counts.get(entry.state, 0) + 1
+            if entry.state == "ready":
+                memory.add_metric([entry.model_id, entry.version], entry.memory_bytes)
+                holders.add_metric([entry.model_id, entry.version], len(entry.workers))
+        for state in ("downloading", "loading", "ready", "failed", "unloading"):
+            states.add_metric([state], counts.get(state, 0))
+        up = GaugeMetricFamily(
+            "model_server_worker_up", "1 while a worker is alive.", labels=["worker", "device"]
+        )
+        restarts = CounterMetricFamily(
+            "model_server_worker_restarts",
+            "Times a worker index came back with a new process.",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            "model_server_worker_rss_bytes", "Resident memory of a worker.", labels=["worker"]
+        )
+        for worker in table.workers:
+            up.add_metric([str(worker.index), worker.device], 1 if worker.alive else 0)
+            restarts.add_metric([str(worker.index)], worker.restarts)
+            rss.add_metric([str(worker.index)], worker.rss_bytes if worker.alive else 0)
+        evictions = CounterMetricFamily("model_server_evictions", "Sessions evicted by workers' LRU caches.")
+        evictions.add_metric([], float(getattr(table, "evictions", 0)))
+        yield from (states, memory, holders, up, restarts, rss, evictions)
+
+
+def exposition(snapshot: Callable[[], Any]) -> bytes:
+    """The /metrics body: every process's values plus the table's."""
+    registry = CollectorRegistry()
+    directory = multiprocess_dir()
+    if directory is not None and directory.is_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry, str(directory))  # type: ignore[no-untyped-call]
+    else:  # single process (tests in-process): this process's own metrics
+        from prometheus_client import REGISTRY
+
+        for collector in list(REGISTRY._collector_to_names):
+            with contextlib.suppress(ValueError):
+                registry.register(collector)
+    registry.register(TableCollector(snapshot))
+    return generate_latest(registry)
