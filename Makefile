@@ -18,8 +18,10 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	touch $(STAMP)
 
 # Starts coordinator, workers and frontends under supervisord with the demo model.
+# Loopback unless told otherwise: make serve HOST=0.0.0.0 WORKERS=2
+HOST ?= $(or $(MODEL_SERVER_HOST),127.0.0.1)
 serve: install
-	$(VENV)/bin/model-server serve --demo
+	MODEL_SERVER_HOST=$(HOST) $(if $(WORKERS),MODEL_SERVER_WORKERS=$(WORKERS)) $(VENV)/bin/model-server serve --demo
 
 test: install lint
 	$(PY) -m pytest -q

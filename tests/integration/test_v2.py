@@ -341,3 +341,29 @@ def test_shm_is_off_by_default(server: Server) -> None:
     assert r.status_code == 501 and "MODEL_SERVER_ALLOW_CLIENT_SHM" in r.json()["error"]
     meta = server.client.get("/v2").json()
     assert "system_shared_memory" not in meta["extensions"]
+
+
+def test_readme_tritonclient_examples_run(v2server: Server, repository: Path) -> None:
+    """The README's Python examples (JSON, binary, shared memory) run as written and print ORT's answer."""
+    import contextlib as ctx
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    loaded = v2server.client.post("/v1/models/load", json={"model_id": "fraud_detection", "version": "2.0.0"})
+    assert loaded.status_code == 200, loaded.text
+    code = "\n".join(blocks).replace("localhost:8001", f"127.0.0.1:{v2server.port}")
+    code = code.replace('"/fraud_in"', f'"/fraud_in_{secrets.token_hex(3)}"').replace(
+        '"/fraud_out"', f'"/fraud_out_{secrets.token_hex(3)}"'
+    )
+    printed = io.StringIO()
+    with ctx.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    feeds = {"feature1": np.array([[1.0], [3.0]], np.float32), "feature2": np.array([[2.0], [4.0]], np.float32)}
+    expected = ort_run(repository / "fraud_detection" / "2.0.0" / "model.onnx", feeds)["fraud_probability"]
+    values = [float(v) for v in re.findall(r"\d+\.\d+", printed.getvalue())]
+    assert len(values) == 3 * 2, printed.getvalue()
+    for i in range(3):
+        np.testing.assert_allclose(values[2 * i : 2 * i + 2], expected[:, 0], rtol=1e-5)
