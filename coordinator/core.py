@@ -554,6 +554,7 @@ class CoordinatorCore:
             if msg.index not in entry.workers:
                 entry.workers.append(msg.index)
             entry.memory_bytes = max(entry.memory_bytes, msg.memory_bytes)
+            entry.warmup_ms = entry.warmup_ms or round(msg.warmup_ms, 2)
             if entry.state != "ready":
                 entry.state = "ready"
                 entry.reason = ""

@@ -39,7 +39,8 @@ from ipc.messages import (
 )
 from loader.errors import LoadError
 from model_server import exitcodes, metrics
-from model_server.models_file import ModelsFileError, read_models_file
+from loader.local import repository_index
+from model_server.models_file import ModelsFileError, model_config_from, read_models_file
 from model_server.roles import ShutdownFlag, start_role
 from model_server.settings import Settings, get_settings
 
@@ -111,6 +112,10 @@ class CoordinatorProcess:
         if self.settings.models_file:
             for model_id, version, uri, config in read_models_file(self.settings.models_file):
                 self.core.request_load(model_id, version, uri, config)
+        if self.settings.load_repository:
+            for model_id, version in repository_index(self.settings.model_repository):
+                if (model_id, version) not in self.core.models:
+                    self.core.request_load(model_id, version, None, model_config_from({}, startup=True))
         if self.state_path.exists():
             try:
                 saved = json.loads(self.state_path.read_text())

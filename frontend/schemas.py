@@ -92,6 +92,7 @@ class ModelInfo(BaseModel):
     loaded_at: float | None = Field(None, description="Unix time the model became ready.")
     load_ms: float | None = Field(None, description="Time from the load request to ready, ms.")
     memory_bytes: int = Field(0, description="Resident memory of the model in one worker.")
+    warmup_ms: float | None = Field(None, description="Warm-up inference time (none: not warmed).")
     size_bytes: int = Field(0, description="Size of the ONNX file.")
     sha256: str = ""
     batching: dict[str, Any] = Field(default_factory=dict)

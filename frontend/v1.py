@@ -61,6 +61,7 @@ def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
         "loaded_at": entry.loaded_at or None,
         "load_ms": entry.load_ms or None,
         "memory_bytes": entry.memory_bytes,
+        "warmup_ms": entry.warmup_ms or None,
         "size_bytes": entry.size_bytes,
         "sha256": entry.sha256,
         "batching": {

@@ -110,6 +110,7 @@ class ModelEntry(msgspec.Struct, gc=False, omit_defaults=True):
     loaded_at: float = 0.0  # unix time the model became ready
     load_ms: float = 0.0
     memory_bytes: int = 0  # largest resident size a worker reported for it
+    warmup_ms: float = 0.0  # warm-up inference time on the first worker that loaded it
     config: ModelConfig = msgspec.field(default_factory=ModelConfig)
     progress: dict[str, float] = {}  # download progress: bytes, total, percent, rate
 
@@ -208,6 +209,7 @@ class ModelLoaded(msgspec.Struct, tag="loaded", array_like=True, gc=False):
     error_status: int = 0
     memory_bytes: int = 0
     load_ms: float = 0.0
+    warmup_ms: float = 0.0  # 0: not warmed
     evicted: list[list[str]] = []  # sessions dropped to make room
 
 

@@ -15,7 +15,7 @@ model_server_requests_total                        counter    model, version, pr
 model_server_request_duration_seconds              histogram  model, protocol
 model_server_queue_duration_seconds                histogram  model
 model_server_compute_duration_seconds              histogram  model
-model_server_batch_size_rows                       histogram  model (rows per ONNX Runtime call)
+model_server_batch_size_rows                       histogram  model, worker (rows per ONNX Runtime call)
 model_server_inflight_requests                     gauge      (sum over frontends)
 model_server_queued_requests                       gauge      (sum over workers' batch queues)
 model_server_shm_bytes_in_use                      gauge      (sum over frontend arenas)
@@ -72,8 +72,8 @@ COMPUTE_DURATION = Histogram(
 )
 BATCH_ROWS = Histogram(
     "model_server_batch_size_rows",
-    "Rows per ONNX Runtime call, as executed.",
-    ["model"],
+    "Rows per ONNX Runtime call, as executed, by worker.",
+    ["model", "worker"],
     buckets=BATCH_BUCKETS,
 )
 INFLIGHT = Gauge(

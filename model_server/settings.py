@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     models_file: Path | None = Field(
         None, description="YAML/JSON list of models to load at start; /ready waits for them."
     )
+    load_repository: bool = Field(
+        False, description="Load every model of the local repository at start, as start-up models (KServe)."
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "model-server",
         description="Verified local artifact cache for downloaded models.",

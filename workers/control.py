@@ -56,9 +56,12 @@ def load_model(
     try:
         evicted = cache.make_room(os.path.getsize(msg.path), exclude=key)
         runner = ModelRunner(Path(msg.path), placement, msg.schema)
+        warmup_ms = 0.0
         if msg.config.warmup:
+            started = time.perf_counter()
             try:
                 runner.warmup()
+                warmup_ms = (time.perf_counter() - started) * 1000
             except Exception as exc:
                 log.warning("warm-up of %s:%s failed (%s); serving anyway", msg.model_id, msg.version, exc)
         evicted += cache.make_room(runner.memory_bytes, exclude=key)
@@ -71,10 +74,11 @@ def load_model(
     policy = engine.policy_for(msg.schema, msg.config.batching)
     cache.put(key, LoadedModel(runner, msg.schema, msg.config.batching, policy), runner.memory_bytes)
     log.info(
-        "loaded %s:%s in %.1f ms (%d bytes, providers %s, batching %s)",
+        "loaded %s:%s in %.1f ms, warmed in %.1f ms (%d bytes, providers %s, batching %s)",
         msg.model_id,
         msg.version,
         runner.load_ms,
+        warmup_ms,
         runner.memory_bytes,
         ",".join(runner.providers),
         f"up to {policy.max_batch_size} rows" if policy else "off",
@@ -86,6 +90,7 @@ def load_model(
         True,
         memory_bytes=runner.memory_bytes,
         load_ms=runner.load_ms,
+        warmup_ms=warmup_ms,
         evicted=[[k[0], k[1]] for k in evicted],
     )
 

@@ -35,24 +35,33 @@ class Placement:
 
 
 def detect_gpu_count() -> int:
-    """Number of NVIDIA GPUs visible to this process (0 when there is no driver)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # CUDA's own variable, not a setting of ours
+    """Number of NVIDIA GPUs visible to this process (0 when there is no driver).
+
+    The CUDA driver's count honours the container runtime's and CUDA's own
+    device visibility; /proc/driver/nvidia/gpus, which may list the host's GPUs,
+    is only a fallback when the driver library cannot be loaded.
+    """
+    # CUDA's and the NVIDIA container runtime's own variables, not settings of ours.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in {"", "-1"}:
         return 0
-    proc = Path("/proc/driver/nvidia/gpus")
-    count = len(list(proc.iterdir())) if proc.is_dir() else 0
-    if count == 0:
-        count = _cuda_driver_count()
-    if visible:
-        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    if os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip().lower() in {"void", "none"}:
+        return 0
+    count = _cuda_driver_count()
+    if count < 0:
+        proc = Path("/proc/driver/nvidia/gpus")
+        count = len(list(proc.iterdir())) if proc.is_dir() else 0
+        if visible:
+            count = min(count, len([v for v in visible.split(",") if v.strip()]))
     return count
 
 
 def _cuda_driver_count() -> int:
+    """GPUs the CUDA driver reports; -1 when the driver library is absent."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return 0
+        return -1
     try:
         if lib.cuInit(0) != 0:
             return 0

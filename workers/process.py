@@ -58,6 +58,7 @@ class WorkerProcess:
                 max_queue_delay_us=settings.max_queue_delay_us,
                 max_queue_size=settings.max_queue_size,
             ),
+            self.index,
         )
         self.ctx = zmq.Context()
         self.control = ControlLink(

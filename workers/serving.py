@@ -66,6 +66,7 @@ class Engine:
         segments: SegmentCache,
         spill: SpillWriter,
         default_batching: BatchConfig,
+        worker_index: int = 0,
     ) -> None:
         self.cache = cache
         self.segments = segments
@@ -74,6 +75,7 @@ class Engine:
         self.queues: dict[tuple[str, str], ModelQueue[Job]] = {}
         self.executed_batches: dict[int, int] = {}  # rows -> count, for metrics
         self.running = 0
+        self.worker_label = str(worker_index)
 
     # --- policy ----------------------------------------------------------------------
     def policy_for(self, schema: ModelSchema, batching: BatchConfig) -> Policy | None:
@@ -236,7 +238,7 @@ class Engine:
                     model.policy = None
                     return out + self._run_each(live, live_feeds)
             total_rows = sum(r for r in rows if r > 0)
-            metrics.BATCH_ROWS.labels(first.model_id).observe(total_rows)
+            metrics.BATCH_ROWS.labels(first.model_id, self.worker_label).observe(total_rows)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "ran %s:%s: %d request(s), %d row(s), %d us",

@@ -361,7 +361,10 @@ def test_readme_tritonclient_examples_run(v2server: Server, repository: Path) ->
     printed = io.StringIO()
     with ctx.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {})
-    feeds = {"feature1": np.array([[1.0], [3.0]], np.float32), "feature2": np.array([[2.0], [4.0]], np.float32)}
+    feeds = {
+        "feature1": np.array([[1.0], [3.0]], np.float32),
+        "feature2": np.array([[2.0], [4.0]], np.float32),
+    }
     expected = ort_run(repository / "fraud_detection" / "2.0.0" / "model.onnx", feeds)["fraud_probability"]
     values = [float(v) for v in re.findall(r"\d+\.\d+", printed.getvalue())]
     assert len(values) == 3 * 2, printed.getvalue()

@@ -1,0 +1,264 @@
+"""Operating the stack: scaling workers with supervisorctl, metrics, drain on SIGTERM, warm-up before ready."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.models import ort_run
+
+from .server import Server
+
+pytestmark = pytest.mark.integration
+
+RECORDS = [{"feature1": 0.5, "feature2": -1.0}]
+
+
+def samples(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    text = server.client.get("/metrics").text
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def rows_by_worker(server: Server, model: str) -> dict[str, float]:
+    """Rows each worker executed for ``model`` (from the batch-size histogram's sum)."""
+    return {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples(server).items()
+        if name == "model_server_batch_size_rows_sum" and dict(labels).get("model") == model
+    }
+
+
+def infer(client: httpx.Client) -> httpx.Response:
+    return client.post(
+        "/v1/infer", json={"model_id": "fraud_detection", "model_version": "2.0.0", "inputs": RECORDS}
+    )
+
+
+def test_three_workers_scale_down_and_up_with_supervisorctl(repository: Path, tmp_path: Path) -> None:
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text('- model_id: fraud_detection\n  version: "2.0.0"\n')
+    server = Server(repository, workers=3, MODEL_SERVER_MODELS_FILE=models_file, MODEL_SERVER_SPARE_WORKERS=1)
+    try:
+        server.start()
+        c = server.client
+        procs = server.processes()
+        assert {"worker-0", "worker-1", "worker-2"} <= set(procs) and "worker-3" not in procs
+        assert len({procs[f"worker-{i}"].pid for i in range(3)}) == 3
+        for _ in range(30):
+            assert infer(c).status_code == 200
+        served = rows_by_worker(server, "fraud_detection")
+        assert {w for w, rows in served.items() if rows > 0} == {"0", "1", "2"}, served
+
+        # Stop worker 1: the coordinator stops routing to it.
+        out = server.ctl("stop", "worker:worker-1")
+        assert "stopped" in out, out
+
+        def without_1() -> bool:
+            models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+            return models["fraud_detection"]["workers"] == [0, 2]
+
+        server.wait_for(without_1, 20, "worker 1 to leave the table")
+        before = rows_by_worker(server, "fraud_detection")
+        for _ in range(30):
+            assert infer(c).status_code == 200
+        after = rows_by_worker(server, "fraud_detection")
+        assert after["1"] == before["1"]
+        assert after["0"] + after["2"] == before["0"] + before["2"] + 30
+
+        # Add a worker at run time: it joins and is given the models.
+        out = server.ctl("start", "spare-worker:worker-3")
+        assert "started" in out, out
+
+        def with_3() -> bool:
+            models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+            return 3 in models["fraud_detection"]["workers"]
+
+        server.wait_for(with_3, 60, "worker 3 to hold the model")
+        for _ in range(30):
+            assert infer(c).status_code == 200
+        assert rows_by_worker(server, "fraud_detection").get("3", 0) > 0
+        metrics = samples(server)
+        assert any(
+            name == "model_server_worker_up" and dict(labels)["worker"] == "3" and value == 1
+            for (name, labels), value in metrics.items()
+        )
+        assert any(
+            name == "model_server_worker_up" and dict(labels)["worker"] == "1" and value == 0
+            for (name, labels), value in metrics.items()
+        )
+    finally:
+        server.stop()
+
+
+def test_metrics_move_with_requests(repository: Path) -> None:
+    server = Server(repository, workers=2)
+    try:
+        server.start()
+        c = server.client
+        assert c.post("/v1/models/load", json={"model_id": "linear", "version": "1"}).status_code == 200
+        key = (
+            "model_server_requests_total",
+            (("model", "linear"), ("protocol", "v1"), ("status", "200"), ("version", "1")),
+        )
+        before = samples(server)
+        x = np.ones((4, 3), dtype=np.float32)
+        for _ in range(7):
+            r = c.post(
+                "/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": {"x": x.tolist()}}
+            )
+            assert r.status_code == 200
+        bad = c.post("/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": {"x": [[1.0]]}})
+        assert bad.status_code == 422
+        v2 = c.post(
+            "/v2/models/linear/infer",
+            json={
+                "inputs": [{"name": "x", "shape": [4, 3], "datatype": "FP32", "data": x.reshape(-1).tolist()}]
+            },
+        )
+        assert v2.status_code == 200
+        expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+        np.testing.assert_allclose(
+            np.array(next(o["data"] for o in v2.json()["outputs"] if o["name"] == "scores")).reshape(4, 2),
+            expected["scores"],
+            rtol=1e-6,
+        )
+        after = samples(server)
+        assert after[key] - before.get(key, 0) == 7
+        failed = (
+            "model_server_requests_total",
+            (("model", "linear"), ("protocol", "v1"), ("status", "422"), ("version", "1")),
+        )
+        assert after[failed] - before.get(failed, 0) == 1
+        v2key = (
+            "model_server_requests_total",
+            (("model", "linear"), ("protocol", "v2"), ("status", "200"), ("version", "1")),
+        )
+        assert after[v2key] == before.get(v2key, 0) + 1
+        duration = ("model_server_request_duration_seconds_count", (("model", "linear"), ("protocol", "v1")))
+        assert after[duration] - before.get(duration, 0) == 8
+        rows = sum(
+            v
+            for (n, labels), v in after.items()
+            if n == "model_server_batch_size_rows_sum" and dict(labels)["model"] == "linear"
+        )
+        assert rows == 8 * 4
+        assert after[("model_server_models", (("state", "ready"),))] >= 1
+        memory = [
+            v
+            for (n, labels), v in after.items()
+            if n == "model_server_model_memory_bytes" and dict(labels)["model"] == "linear"
+        ]
+        assert memory and memory[0] > 0
+        assert after[("model_server_inflight_requests", ())] == 0
+        assert ("model_server_shm_bytes_in_use", ()) in after
+        load = [
+            v
+            for (n, labels), v in after.items()
+            if n == "model_server_model_load_duration_seconds_count" and dict(labels)["model"] == "linear"
+        ]
+        assert load == [1]
+        ghost = c.post("/v1/models/load", json={"model_id": "ghost", "version": "1"})
+        assert ghost.status_code == 404
+        failures = samples(server)[("model_server_model_load_failures_total", (("model", "ghost"),))]
+        assert failures == 1
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_without_losing_accepted_requests(repository: Path) -> None:
+    server = Server(repository, workers=2, MODEL_SERVER_DRAIN_SECONDS=20)
+    try:
+        server.start()
+        assert (
+            server.client.post("/v1/models/load", json={"model_id": "slow", "version": "1"}).status_code
+            == 200
+        )
+        x = (np.ones((8, 1024), dtype=np.float32) / 3).tolist()
+        outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at)
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def stream() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for _ in range(200):
+                    if stop.is_set():
+                        return
+                    sent = time.monotonic()
+                    try:
+                        r = client.post(
+                            "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}}
+                        )
+                        outcome = (
+                            str(r.status_code) if r.status_code != 503 else f"503:{r.json()['error']['code']}"
+                        )
+                    except httpx.ConnectError:
+                        outcome = "refused"  # the listener is closed: never accepted
+                    except httpx.HTTPError as exc:
+                        outcome = f"lost:{type(exc).__name__}"
+                    with lock:
+                        outcomes.append((outcome, sent, time.monotonic()))
+                    if outcome == "refused":
+                        return
+
+        threads = [threading.Thread(target=stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: len(outcomes) >= 8, 60, "requests to flow")
+        assert server.proc is not None
+        sigterm_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(60)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        kinds = {o for o, _, _ in outcomes}
+        assert not any(k.startswith("lost") for k in kinds), outcomes
+        assert kinds <= {"200", "503:draining", "refused"}, kinds
+        # Requests running when SIGTERM came were answered, after it, with their results.
+        finished_after = [o for o, sent, done in outcomes if sent < sigterm_at < done]
+        assert finished_after and all(o == "200" for o in finished_after), finished_after
+        assert server.proc.returncode == 0
+        assert server.shm_segments() == []
+    finally:
+        server.stop()
+
+
+def test_ready_waits_for_warm_up_of_start_up_models(repository: Path, tmp_path: Path) -> None:
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(
+        'models:\n  - {model_id: slow, version: "1"}\n  - {model_id: linear, version: "2"}\n'
+    )
+    server = Server(repository, workers=1, MODEL_SERVER_MODELS_FILE=models_file)
+    try:
+        server.start(wait_ready=False)
+        c = server.client
+        seen_503 = False
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = c.get("/ready")
+            if r.status_code == 200:
+                break
+            seen_503 = True
+            assert r.status_code == 503
+            time.sleep(0.02)
+        assert r.status_code == 200
+        assert seen_503, "ready before the models were loaded"
+        models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+        # Ready means loaded *and* warmed on a worker.
+        assert models["slow"]["state"] == "ready" and models["slow"]["warmup_ms"] > 0
+        assert models["linear"]["warmup_ms"] > 0
+        assert "warmed in" in server.log()
+    finally:
+        server.stop()
