@@ -38,8 +38,8 @@ from ipc.messages import (
     encode,
 )
 from loader.errors import LoadError
-from model_server import exitcodes, metrics
 from loader.local import repository_index
+from model_server import exitcodes, metrics
 from model_server.models_file import ModelsFileError, model_config_from, read_models_file
 from model_server.roles import ShutdownFlag, start_role
 from model_server.settings import Settings, get_settings

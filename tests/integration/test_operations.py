@@ -1,4 +1,4 @@
-"""Operating the stack: scaling workers with supervisorctl, metrics, drain on SIGTERM, warm-up before ready."""
+"""Operating the stack: scaling with supervisorctl, metrics, drain on SIGTERM, warm-up before ready."""
 
 from __future__ import annotations
 
