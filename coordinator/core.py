@@ -52,6 +52,8 @@ from model_server.settings import Settings
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+STARTUP_RETRY_BASE_S = 1.0
+STARTUP_RETRY_MAX_S = 60.0
 Destination = tuple[Literal["worker", "client", "publish"], Any]
 
 
@@ -106,6 +108,7 @@ class CoordinatorCore:
         self.workers: dict[int, WorkerRecord] = {}
         self.loads: dict[Key, LoadJob] = {}
         self.regions: dict[str, ShmRegion] = {}  # client shared-memory registrations (V2)
+        self.retries: dict[Key, tuple[int, float]] = {}  # failed start-up models: (attempt, next try)
         self.unloads: dict[Key, UnloadJob] = {}
         self.outbox: list[tuple[Destination, Any]] = []
         self.fetches: list[Fetch] = []
@@ -442,6 +445,13 @@ class CoordinatorCore:
         log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
         for peer, req in job.waiters:
             self._reply(peer, ClientReply(req, status, message, "load_failed", entry=entry))
+        if entry.config.startup:
+            # A registry that is down at boot must not leave a replica unready for ever.
+            key = (entry.model_id, entry.version)
+            attempt = self.retries.get(key, (0, 0.0))[0] + 1
+            delay = min(STARTUP_RETRY_MAX_S, STARTUP_RETRY_BASE_S * 2 ** (attempt - 1))
+            self.retries[key] = (attempt, self.clock() + delay)
+            entry.reason = f"{message} (retry {attempt} in {delay:.0f} s)"
         self._changed()
 
     # ------------------------------------------------------------------ workers
@@ -621,6 +631,13 @@ class CoordinatorCore:
     # ------------------------------------------------------------------ time
     def tick(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        for key, (_, due) in list(self.retries.items()):
+            entry = self.models.get(key)
+            if entry is None or entry.state != "failed":
+                del self.retries[key]
+            elif now >= due and key not in self.loads:
+                log.info("retrying start-up model %s:%s", key[0], key[1])
+                self.request_load(key[0], key[1], entry.registry_uri or None, entry.config)
         timeout = self.settings.heartbeat_timeout_s
         for worker in self.alive_workers():
             if now - worker.last_seen > timeout:

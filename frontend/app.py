@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from ipc.arena import pid_alive
 from model_server import __version__, metrics
 from model_server.settings import Settings, get_settings
 
 from . import errors, v1, v2
+from .fastpath import InferenceFastPath
 from .middleware import Activity, RequestContextMiddleware
 from .service import Service
 
@@ -58,20 +60,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.state.activity = Activity()
+    return app
+
+
+def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
+    """What uvicorn serves: request context, CORS, the inference fast path, then FastAPI."""
+    inner: ASGIApp = InferenceFastPath(app, app.state)
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        inner = CORSMiddleware(
+            inner,
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Inference-Header-Content-Length", "Retry-After"],
         )
-    # Outermost, so the request id is set for everything below, CORS included.
-    app.state.activity = Activity()
-    app.add_middleware(
-        RequestContextMiddleware,
+    return RequestContextMiddleware(
+        inner,
         max_body_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
         activity=app.state.activity,
     )
-    return app

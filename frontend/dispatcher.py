@@ -47,7 +47,6 @@ from ipc.messages import (
     encode,
     infer_reply_decoder,
 )
-from model_server import metrics
 
 from .coordinator_client import Table
 
@@ -126,7 +125,6 @@ class InferResult:
         self._release = None
         self.outputs = []
         arena.free(slot)
-        metrics.SHM_IN_USE.set(arena.allocator.used_bytes)
         if spill is not None:
             spill.unlink()
             spill.close()
@@ -183,21 +181,25 @@ class Dispatcher:
         self.run_dir = run_dir
         self.arena = Arena(shm_prefix, arena_bytes)
         self.identity = f"f{os.getpid()}-{secrets.token_hex(2)}".encode()
-        self.sock: zmq.asyncio.Socket | None = None
-        self.monitor: zmq.asyncio.Socket | None = None
+        self.sock: zmq.Socket[bytes] | None = None
+        self.monitor: zmq.Socket[bytes] | None = None
         self.endpoints: dict[str, int] = {}
         self.connected: dict[int, bool] = {}
         self.inflight: dict[int, _Pending] = {}
         self.per_worker: dict[int, set[int]] = {}
         self._seq = itertools.count(1)
         self._rr = itertools.count()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._fds: list[int] = []
         self._initial_workers = workers
         self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        sock = endpoints.configure(self.ctx.socket(zmq.ROUTER), linger_ms=0)
+        # A plain (not asyncio) socket on the same ZeroMQ context, read from the event loop
+        # through its FD: sends skip zmq.asyncio's future machinery on the request path.
+        self.loop = asyncio.get_running_loop()
+        sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
+        sock = endpoints.configure(sync_ctx.socket(zmq.ROUTER), linger_ms=0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         # Unknown or gone worker -> EHOSTUNREACH at send time, instead of a silent drop.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -207,17 +209,14 @@ class Dispatcher:
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         for index in range(self._initial_workers):
             self._connect(index, endpoints.worker_endpoint(self.run_dir, index))
-        self._tasks = [
-            asyncio.create_task(self._read_replies(), name="worker-replies"),
-            asyncio.create_task(self._read_monitor(), name="worker-monitor"),
-        ]
+        # ZeroMQ's FD is edge-triggered: each wake-up drains everything queued.
+        self._fds = [int(sock.getsockopt(zmq.FD)), int(self.monitor.getsockopt(zmq.FD))]
+        self.loop.add_reader(self._fds[0], self._drain_replies)
+        self.loop.add_reader(self._fds[1], self._drain_monitor)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for fd in self._fds:
+            self.loop.remove_reader(fd)
         for pending in list(self.inflight.values()):
             if not pending.future.done():
                 pending.future.set_exception(DispatchError(503, "shutting_down", "frontend is shutting down"))
@@ -241,10 +240,12 @@ class Dispatcher:
             self._connect(worker.index, worker.endpoint)
 
     # --- socket readers ---------------------------------------------------------------
-    async def _read_replies(self) -> None:
-        assert self.sock is not None
-        while True:
-            frames = await self.sock.recv_multipart()
+    def _drain_replies(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        # Checking EVENTS (not catching zmq.Again) also re-arms the edge-triggered FD.
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 log.error("dropped a worker message with %d frames", len(frames))
                 continue
@@ -266,10 +267,10 @@ class Dispatcher:
             else:
                 pending.future.set_result(reply)
 
-    async def _read_monitor(self) -> None:
+    def _drain_monitor(self) -> None:
         assert self.monitor is not None
-        while True:
-            frames = await self.monitor.recv_multipart()
+        while int(self.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             event = parse_monitor_message(frames)
             endpoint = (
                 event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else event["endpoint"]
@@ -303,7 +304,6 @@ class Dispatcher:
     def _free(self, slot: Slot | None) -> None:
         if slot is not None:
             self.arena.free(slot)
-            metrics.SHM_IN_USE.set(self.arena.allocator.used_bytes)
 
     @staticmethod
     def _drop_spill(name: str) -> None:
@@ -352,7 +352,6 @@ class Dispatcher:
         out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
         try:
             slot = self.arena.alloc(input_bytes + out_bytes)
-            metrics.SHM_IN_USE.set(self.arena.allocator.used_bytes)
         except TooLarge as exc:
             raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
         except ArenaFull as exc:
@@ -384,8 +383,11 @@ class Dispatcher:
             self.per_worker.setdefault(worker, set()).add(seq)
             self.stats["requests"] += 1
             owner = "worker"
+            # A send can consume the FD's edge for a reply that is already queued: look now.
+            self.loop.call_soon(self._drain_replies)
+            timer = self.loop.call_later(timeout_s, _expire, future)
             try:
-                reply = await asyncio.wait_for(future, timeout_s)
+                reply = await future
             except TimeoutError:
                 self.stats["quarantined"] += 1
                 raise DispatchError(
@@ -400,6 +402,8 @@ class Dispatcher:
             except DispatchError:
                 owner = "frontend"  # worker died: the slot is ours again
                 raise
+            finally:
+                timer.cancel()
             owner = "frontend"  # reply arrived: the slot is ours again
             if reply.spill:
                 spill = Segment.attach(reply.spill)  # ours from now on; unlinked on release
@@ -469,6 +473,11 @@ class Dispatcher:
                 data = None  # a client's region: the client reads it there
             outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
         return outputs
+
+
+def _expire(future: asyncio.Future[InferReply]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _reply_error(reply: InferReply, entry: ModelEntry) -> DispatchError:

@@ -64,22 +64,29 @@ def error_response(
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+def exception_response(path: str, exc: Exception) -> Response | None:
+    """The error response for an exception the API raises on purpose; None for anything else."""
+    if isinstance(exc, ApiError):
+        return error_response(path, exc.status, exc.code, exc.message, exc.details, exc.retry_after)
+    if isinstance(exc, DispatchError):
+        return error_response(path, exc.status, exc.code, exc.message, retry_after=exc.retry_after)
+    if isinstance(exc, CoordinatorUnavailable):
+        return error_response(path, 503, "coordinator_unavailable", str(exc), retry_after=1)
+    return None
+
+
+def internal_error(path: str, exc: Exception) -> Response:
+    log.error("unhandled error on %s", path, exc_info=exc)
+    return error_response(path, 500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> Response:
-        return error_response(
-            request.url.path, exc.status, exc.code, exc.message, exc.details, exc.retry_after
-        )
+    async def _known(request: Request, exc: Exception) -> Response:
+        response = exception_response(request.url.path, exc)
+        return response if response is not None else internal_error(request.url.path, exc)
 
-    @app.exception_handler(DispatchError)
-    async def _dispatch(request: Request, exc: DispatchError) -> Response:
-        return error_response(
-            request.url.path, exc.status, exc.code, exc.message, retry_after=exc.retry_after
-        )
-
-    @app.exception_handler(CoordinatorUnavailable)
-    async def _coordinator(request: Request, exc: CoordinatorUnavailable) -> Response:
-        return error_response(request.url.path, 503, "coordinator_unavailable", str(exc), retry_after=1)
+    for kind in (ApiError, DispatchError, CoordinatorUnavailable):
+        app.add_exception_handler(kind, _known)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -101,7 +108,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(
-            request.url.path, 500, "internal_error", f"internal error: {type(exc).__name__}"
-        )
+        return internal_error(request.url.path, exc)

@@ -6,10 +6,11 @@ variables and costs a task per request.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -40,6 +41,9 @@ class RequestContextMiddleware:
     ) -> None:
         self.app = app
         self.activity = activity or Activity()
+        # Generated ids: a random per-process prefix and a counter (unique without a syscall each).
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count(1)
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
 
@@ -61,7 +65,7 @@ class RequestContextMiddleware:
                 except ValueError:
                     length = -1
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = f"{self._id_prefix}{next(self._ids):x}"
         token = request_id_var.set(request_id)
         self.activity.active += 1
         header = (b"x-request-id", request_id.encode())

@@ -24,7 +24,7 @@ from model_server import exitcodes
 from model_server.roles import start_role
 from model_server.settings import Settings, get_settings
 
-from .app import create_app
+from .app import asgi_app, create_app
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class DrainingServer(uvicorn.Server):
 def build_server(settings: Settings) -> uvicorn.Server:
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        asgi_app(app, settings),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -104,6 +104,7 @@ def build_server(settings: Settings) -> uvicorn.Server:
         log_config=None,
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # no proxy rewriting on the hot path; forwarded headers are not used
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
         timeout_keep_alive=30,
     )

@@ -7,6 +7,7 @@ eviction removed from every worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -36,6 +37,8 @@ class Tracker:
     result: InferResult | None = None
 
 
+GAUGE_PERIOD_S = 1.0
+
 # Dispatch failures after which a fresh table (and possibly a reload) is worth one retry.
 RETRYABLE = frozenset({"model_not_loaded", "no_worker"})
 
@@ -50,12 +53,25 @@ class Service:
         )
         self.coordinator.on_table(self.dispatcher.on_table)
         self.draining = False
+        self.inflight = 0
+        self._series: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.dispatcher.start()
         await self.coordinator.start()
+        self._gauges = asyncio.create_task(self._sample_gauges(), name="gauges")
+
+    async def _sample_gauges(self) -> None:
+        """Gauges sampled once a second rather than written on every request."""
+        while True:
+            metrics.INFLIGHT.set(self.inflight)
+            metrics.SHM_IN_USE.set(self.dispatcher.arena.allocator.used_bytes)
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
         await self.coordinator.close()
         await self.dispatcher.close()
         self.ctx.term()
@@ -68,7 +84,7 @@ class Service:
     def track(self, protocol: str) -> Iterator[Tracker]:
         """Count one inference request: outcome, latency, queue and compute time, in flight."""
         tracker = Tracker()
-        metrics.INFLIGHT.inc()
+        self.inflight += 1
         started = time.perf_counter()
         status = 500
         try:
@@ -78,13 +94,23 @@ class Service:
             status = 400 if (protocol == "v2" and exc.status == 422) else exc.status
             raise
         finally:
-            metrics.INFLIGHT.dec()
+            self.inflight -= 1
             model = tracker.model or "unknown"
-            metrics.REQUESTS.labels(model, tracker.version, protocol, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(model, protocol).observe(time.perf_counter() - started)
+            key = (model, tracker.version, protocol, status)
+            series = self._series.get(key)
+            if series is None:
+                # Label lookups cost more than the updates: keep the children per label set.
+                series = self._series[key] = (
+                    metrics.REQUESTS.labels(model, tracker.version, protocol, str(status)),
+                    metrics.REQUEST_DURATION.labels(model, protocol),
+                    metrics.QUEUE_DURATION.labels(model),
+                    metrics.COMPUTE_DURATION.labels(model),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
             if tracker.result is not None:
-                metrics.QUEUE_DURATION.labels(model).observe(tracker.result.queue_us / 1e6)
-                metrics.COMPUTE_DURATION.labels(model).observe(tracker.result.compute_us / 1e6)
+                series[2].observe(tracker.result.queue_us / 1e6)
+                series[3].observe(tracker.result.compute_us / 1e6)
 
     # --- models ----------------------------------------------------------------------
     def _lookup(self, model_id: str, version: str | None) -> ModelEntry | None:

@@ -209,13 +209,17 @@ INFER_BODY = {
 )
 async def infer(request: Request) -> Response:
     """Run one batch: all records (or named tensors) go to the model in a single ONNX Runtime call."""
-    service = service_of(request)
+    return await infer_v1(service_of(request), await request.body())
+
+
+async def infer_v1(service: Service, body: bytes) -> Response:
+    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly."""
     with service.track("v1") as tracker:
-        return await _infer(request, service, tracker)
+        return await _infer(service, tracker, body)
 
 
-async def _infer(request: Request, service: Service, tracker: Tracker) -> Response:
-    payload = _parse(await request.body())
+async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Response:
+    payload = _parse(raw_body)
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise ApiError(422, "invalid_request", "model_id: a non-empty string is required")

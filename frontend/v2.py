@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -185,8 +186,8 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
 
 
-def _decompress(request: Request, body: bytes, limit: int) -> bytes:
-    encoding = request.headers.get("content-encoding", "").lower()
+def _decompress(headers: Mapping[str, str], body: bytes, limit: int) -> bytes:
+    encoding = headers.get("content-encoding", "").lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -217,15 +218,26 @@ def _region(service: Service, name: str, offset: int, size: int, where: str) -> 
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
-    service = service_of(request)
+    return await infer_v2(service_of(request), model, version, request.headers, await request.body())
+
+
+async def infer_v2(
+    service: Service, model: str, version: str | None, headers: Mapping[str, str], body: bytes
+) -> Response:
+    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly."""
     with service.track("v2") as tracker:
-        return await _infer_tracked(request, service, tracker, model, version)
+        return await _infer_tracked(service, tracker, model, version, headers, body)
 
 
 async def _infer_tracked(
-    request: Request, service: Service, tracker: Tracker, model: str, version: str | None
+    service: Service,
+    tracker: Tracker,
+    model: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    raw_body: bytes,
 ) -> Response:
-    raw_length = request.headers.get(HEADER_LENGTH)
+    raw_length = headers.get(HEADER_LENGTH)
     header_length: int | None = None
     if raw_length is not None:
         try:
@@ -234,7 +246,7 @@ async def _infer_tracked(
             raise ApiError(
                 400, "bad_header", f"Inference-Header-Content-Length {raw_length!r} is not a number"
             ) from None
-    body = _decompress(request, await request.body(), service.settings.max_request_bytes)
+    body = _decompress(headers, raw_body, service.settings.max_request_bytes)
     entry = await service.entry(model, version)
     assert entry.schema is not None
     tracker.model, tracker.version = entry.model_id, entry.version

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import models
 from tests.models import ort_run
 
 from .server import Server
@@ -236,29 +237,38 @@ def test_sigterm_drains_without_losing_accepted_requests(repository: Path) -> No
 
 
 def test_ready_waits_for_warm_up_of_start_up_models(repository: Path, tmp_path: Path) -> None:
+    """A start-up model that is not there yet keeps /ready at 503; it is retried, and once it
+    appears, /ready turns 200 only with every start-up model loaded *and* warmed."""
+    late = f"late{tmp_path.name[-6:].replace('_', '')}"
     models_file = tmp_path / "models.yaml"
     models_file.write_text(
-        'models:\n  - {model_id: slow, version: "1"}\n  - {model_id: linear, version: "2"}\n'
+        f'models:\n  - {{model_id: slow, version: "1"}}\n  - {{model_id: {late}, version: "1"}}\n'
     )
     server = Server(repository, workers=1, MODEL_SERVER_MODELS_FILE=models_file)
     try:
         server.start(wait_ready=False)
         c = server.client
-        seen_503 = False
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            r = c.get("/ready")
-            if r.status_code == 200:
-                break
-            seen_503 = True
-            assert r.status_code == 503
-            time.sleep(0.02)
-        assert r.status_code == 200
-        assert seen_503, "ready before the models were loaded"
-        models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+
+        def failed_once() -> bool:
+            models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
+            return models.get(late, {}).get("state") == "failed"
+
+        server.wait_for(failed_once, 60, "the missing start-up model to fail")
+        r = c.get("/ready")
+        assert r.status_code == 503 and any(late in reason for reason in r.json()["reasons"])
+        assert "retry" in {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}[late]["reason"]
+        models.linear(repository / late / "1" / "model.onnx", features=3, seed=11)
+        server.wait_for(
+            lambda: c.get("/ready").status_code == 200, 60, "the retried model to make /ready 200"
+        )
+        listed = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
         # Ready means loaded *and* warmed on a worker.
-        assert models["slow"]["state"] == "ready" and models["slow"]["warmup_ms"] > 0
-        assert models["linear"]["warmup_ms"] > 0
-        assert "warmed in" in server.log()
+        assert listed["slow"]["state"] == "ready" and listed["slow"]["warmup_ms"] > 0
+        assert listed[late]["state"] == "ready" and listed[late]["warmup_ms"] > 0
+        assert "warmed in" in server.log() and f"retrying start-up model {late}:1" in server.log()
+        x = np.ones((2, 3), dtype=np.float32)
+        r = c.post("/v1/infer", json={"model_id": late, "inputs": {"x": x.tolist()}})
+        expected = ort_run(repository / late / "1" / "model.onnx", {"x": x})
+        np.testing.assert_allclose([o["scores"] for o in r.json()["outputs"]], expected["scores"], rtol=1e-6)
     finally:
         server.stop()
