@@ -1,4 +1,4 @@
-"""The memory-aware LRU session cache seen from outside, dynamic batching, ZipMap outputs, coordinator restart."""
+"""The LRU session cache seen from outside, dynamic batching, ZipMap outputs, coordinator restart."""
 
 from __future__ import annotations
 
