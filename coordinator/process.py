@@ -38,13 +38,14 @@ from ipc.messages import (
     encode,
 )
 from loader.errors import LoadError
+from loader.redact import redact
 from loader.local import repository_index
 from model_server import exitcodes, metrics
 from model_server.models_file import ModelsFileError, model_config_from, read_models_file
 from model_server.roles import ShutdownFlag, start_role
 from model_server.settings import Settings, get_settings
 
-from .core import CoordinatorCore, Fetch
+from .core import CoordinatorCore, Fetch, Key
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class CoordinatorProcess:
         self._wake_r, self._wake_w = os.pipe()
         self.fetchers = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
         self.state_path = settings.run_dir / STATE_FILE
+        # Artifacts load_artifact returned pinned in the cache, by model: released on unload/failure.
+        self.artifacts: dict[Key, loader.Artifact] = {}
         self._saved_state = ""
 
     # --- fetch threads -----------------------------------------------------------------
@@ -97,15 +100,29 @@ class CoordinatorProcess:
             self._post(lambda: self.core.on_fetch_failed(key, status, message))
             return
         except Exception as exc:
-            log.exception("fetching %s:%s failed", key[0], key[1])
-            error = f"{type(exc).__name__}: {exc}"
+            error = redact(f"{type(exc).__name__}: {exc}")
+            log.error("fetching %s:%s failed: %s", key[0], key[1], error)
             self._post(lambda: self.core.on_fetch_failed(key, 500, error))
             return
-        self._post(
-            lambda: self.core.on_fetched(
+
+        def fetched() -> None:
+            previous = self.artifacts.pop(key, None)
+            if previous is not None:
+                loader.release(previous)
+            self.artifacts[key] = artifact
+            self.core.on_fetched(
                 key, str(artifact.path), artifact.sha256, artifact.size, schema, artifact.source_uri
             )
-        )
+
+        self._post(fetched)
+
+    def _release_unused(self) -> None:
+        """Unpin cached artifacts of models that are gone or failed, so the cache may evict them."""
+        for key, artifact in list(self.artifacts.items()):
+            entry = self.core.models.get(key)
+            if entry is None or entry.state == "failed":
+                loader.release(artifact)
+                del self.artifacts[key]
 
     # --- main loop ----------------------------------------------------------------------
     def _startup_models(self) -> None:
@@ -175,6 +192,7 @@ class CoordinatorProcess:
                         break
                 self.core.tick()
                 self._flush(router, pub)
+                self._release_unused()
                 self._save_state()
         finally:
             self.fetchers.shutdown(wait=False, cancel_futures=True)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from .redact import redact
+
 
 class LoadError(Exception):
-    """Base class: ``status`` is the HTTP status, ``code`` a stable machine-readable name."""
+    """Base class: ``status`` is the HTTP status, ``code`` a stable machine-readable name.
+
+    The message is redacted (URL credentials, registered secrets) on construction, so
+    it is safe for logs and HTTP error bodies.
+    """
 
     status = 500
     code = "load_failed"
 
     def __init__(self, message: str) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
+
+    def copy(self) -> LoadError:
+        """A fresh exception of the same type and message (one per waiting caller)."""
+        return type(self)(self.message)
 
 
 class ModelNotFound(LoadError):
@@ -41,6 +52,20 @@ class SourceUnavailable(LoadError):
 class SourceTimeout(LoadError):
     status = 504
     code = "source_timeout"
+
+
+class InsufficientStorage(LoadError):
+    """The artifact cache's disk is full."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class InvalidUri(LoadError):
+    """A registry URI that does not parse (``models:/`` without a name, ``s3://`` without a bucket)."""
+
+    status = 400
+    code = "invalid_uri"
 
 
 class UnsupportedSource(LoadError):

@@ -47,15 +47,34 @@ def find_model_file(path: Path) -> Path:
 
 
 class LocalSource:
-    """Serves files in place: nothing is copied, the checksum is computed on load."""
+    """Serves files in place: nothing is copied, the checksum is computed on load.
+
+    A directory holding an ``MLmodel`` is an MLflow model directory: it must have
+    the onnx flavor, whose data file is the model, and its signature gives the
+    record schema.
+    """
 
     def fetch(self, uri: str, progress: ProgressCallback) -> Artifact:
-        path = find_model_file(path_from_uri(uri))
+        from .mlmodel import MLMODEL, parse_mlmodel
+
+        given = path_from_uri(uri)
+        names: list[str] | None = None
+        types: dict[str, str] = {}
+        if given.is_dir() and (given / MLMODEL).is_file():
+            info = parse_mlmodel((given / MLMODEL).read_bytes(), str(given))
+            path = given / info.model_file
+            if not path.is_file():
+                raise ModelNotFound(f"{given}: the MLmodel names {info.model_file}, which is missing")
+            names, types = info.feature_names, info.feature_types
+        else:
+            path = find_model_file(given)
         return Artifact(
             path=path.resolve(),
             sha256=sha256_file(path),
             size=path.stat().st_size,
             source_uri=uri,
+            feature_names=names,
+            feature_types=types,
         )
 
 

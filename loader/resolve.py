@@ -1,14 +1,30 @@
 """Where a model comes from: pick the source for a URI, fetch, verify, read the schema.
 
-Sources register by URI scheme; MLflow (``models:``, ``runs:``,
-``mlflow-artifacts:``) and S3 (``s3:``) plug into the same table. Only the
-coordinator calls this; workers load the verified local file it returns.
+Sources register by URI scheme (:func:`register_source`); importing ``loader``
+registers them all:
+
+* ``/path``, ``file:///path``: ``loader.local``, served in place;
+* ``s3://bucket/prefix/``, ``s3://bucket/key.onnx``: ``loader.s3_source`` (boto3),
+  through the artifact cache;
+* ``models:/<name>/<version|stage|latest>``, ``models:/<name>@<alias>``,
+  ``runs:/<run_id>/<path>``, ``mlflow-artifacts:/<path>``: ``loader.mlflow_source``
+  (the registry at ``MLFLOW_TRACKING_URI``), through the artifact cache.
+
+Only the coordinator calls :func:`load_artifact`; workers load the verified
+local file it returns. Downloads land in the artifact cache (``loader.cache``),
+which returns them pinned: call ``loader.release(artifact)`` once the model is
+unloaded.
 
 When ``registry_uri`` is omitted the rule is, in order:
 
-1. ``MLFLOW_TRACKING_URI`` set: the registered model ``models:/<model_id>/<version>``;
+1. ``MLFLOW_TRACKING_URI`` set: the registered model ``models:/<model_id>/<version>``
+   (``<version>`` may also be a stage or ``latest``);
 2. ``AWS_S3_BUCKET`` set: ``s3://$AWS_S3_BUCKET/models/<model_id>/<version>/``;
 3. otherwise the local repository: ``$MODEL_SERVER_MODEL_REPOSITORY/<model_id>/<version>/``.
+
+When an MLflow model carries a column-based signature, its column names and
+types define the record schema (``feature_names``/``feature_types``), ahead of
+any ``feature_names`` in the ONNX metadata.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from ipc.messages import ModelSchema
 from model_server.settings import Settings
 
 from .artifact import Artifact, ProgressCallback, no_progress
+from .cache import release
 from .errors import UnsupportedSource
 from .inspect import inspect_model
 from .local import LocalSource, repository_path
@@ -76,8 +93,12 @@ def load_artifact(
     """Resolve, fetch and verify; returns the local artifact and its schema (blocking)."""
     uri = registry_uri or default_uri(model_id, version, settings)
     artifact = source_for(uri, settings).fetch(uri, progress)
-    schema = inspect_model(artifact.path)
-    if artifact.feature_names and not schema.feature_names:
+    try:
+        schema = inspect_model(artifact.path)
+    except BaseException:
+        release(artifact)
+        raise
+    if artifact.feature_names:
         schema.feature_names = list(artifact.feature_names)
     if artifact.feature_types:
         schema.feature_types = dict(artifact.feature_types)

@@ -73,3 +73,6 @@ def configure(role: str, level: str = "INFO", fmt: str = "text") -> None:
         lg.handlers = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware writes the access line
+    # botocore and urllib3 print request headers (session tokens) at DEBUG: never below INFO.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
