@@ -38,8 +38,8 @@ from ipc.messages import (
     encode,
 )
 from loader.errors import LoadError
-from loader.redact import redact
 from loader.local import repository_index
+from loader.redact import redact
 from model_server import exitcodes, metrics
 from model_server.models_file import ModelsFileError, model_config_from, read_models_file
 from model_server.roles import ShutdownFlag, start_role

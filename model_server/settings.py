@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(
         20 * 1024 * MiB,
         ge=0,
-        description="Size bound of the artifact cache (0: none); artifacts of unloaded models are evicted first.",
+        description="Size bound of the artifact cache (0: none); unused artifacts are evicted first.",
     )
     download_timeout_s: float = Field(
         60.0, gt=0, description="Connect/read timeout for MLflow and S3 requests."
