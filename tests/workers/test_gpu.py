@@ -1,4 +1,4 @@
-"""GPU placement: runs where an NVIDIA GPU and onnxruntime's CUDA provider are present, skips cleanly elsewhere."""
+"""GPU placement: runs where a GPU and the CUDA provider are present, skips cleanly elsewhere."""
 
 from __future__ import annotations
 
