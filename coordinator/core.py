@@ -633,9 +633,9 @@ class CoordinatorCore:
         now = self.clock() if now is None else now
         for key, (_, due) in list(self.retries.items()):
             entry = self.models.get(key)
-            if entry is None or entry.state != "failed":
-                del self.retries[key]
-            elif now >= due and key not in self.loads:
+            if entry is None or entry.state == "ready":
+                del self.retries[key]  # the attempt count survives a retry that fails again
+            elif entry.state == "failed" and now >= due and key not in self.loads:
                 log.info("retrying start-up model %s:%s", key[0], key[1])
                 self.request_load(key[0], key[1], entry.registry_uri or None, entry.config)
         timeout = self.settings.heartbeat_timeout_s
@@ -663,7 +663,26 @@ class CoordinatorCore:
                         self._reply(
                             peer, ClientReply(req, 504, "no worker could take the model in time", "timeout")
                         )
+        self._heal()
         self.publish_if_due(now)
+
+    def _heal(self) -> None:
+        """Put start-up models (and models with a replica count) back on a worker when the last
+        one holding them died; models LRU-evicted from every worker come back on demand instead."""
+        alive = sorted(self.alive_workers(), key=lambda w: (w.inflight, len(w.models), w.index))
+        if not alive:
+            return
+        for key, entry in self.models.items():
+            if entry.state != "ready" or entry.schema is None or key in self.loads:
+                continue
+            if not (entry.config.startup or entry.config.replicas) or self.entry_out(entry).workers:
+                continue
+            log.info(
+                "model %s:%s has no worker left: placing it on worker %d", key[0], key[1], alive[0].index
+            )
+            job = self.loads[key] = LoadJob(started=self.clock(), fetching=False)
+            job.asked.add(alive[0].index)
+            self._send_worker(alive[0].index, self._load_message(entry))
 
     def start_drain(self) -> None:
         self.draining = True

@@ -205,6 +205,9 @@ class Dispatcher:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reuses its routing id; the new connection takes it over.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No pipe (so no queueing) towards a worker whose connection is not up: a send to
+        # a dead worker fails with EHOSTUNREACH instead of waiting for its restart.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock = sock
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         for index in range(self._initial_workers):
@@ -213,6 +216,9 @@ class Dispatcher:
         self._fds = [int(sock.getsockopt(zmq.FD)), int(self.monitor.getsockopt(zmq.FD))]
         self.loop.add_reader(self._fds[0], self._drain_replies)
         self.loop.add_reader(self._fds[1], self._drain_monitor)
+        # The FD only signals after a read has found the socket empty: read once now.
+        self._drain_replies()
+        self._drain_monitor()
 
     async def close(self) -> None:
         for fd in self._fds:

@@ -15,7 +15,6 @@ and what was expected. Outputs go back as one record per input row.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -63,29 +62,37 @@ def coerce(values: Any, datatype: str, what: str) -> Array:
     except ValueError as exc:
         raise PayloadError(f"{what}: ragged or malformed nested lists ({exc})") from None
     if probe.dtype.kind not in "biuf":
-        bad = _first_bad(probe, datatype)
-        raise PayloadError(f"{what}: {bad}, expected {datatype} numbers")
-    integral = dtype.kind in "iub"
-    if (
-        probe.dtype.kind == "f"
-        and integral
-        and not (np.all(np.isfinite(probe)) and np.all(probe == np.floor(probe)))
-    ):
-        raise PayloadError(f"{what}: non-integer value for {datatype}")
-    if dtype.kind in "iu" and probe.size and probe.dtype.kind in "iu":
+        raise PayloadError(f"{what}: {_first_bad(values, datatype)}, expected {datatype} numbers")
+    if datatype == "BOOL":
+        # true/false, or 0/1: any other number is a mistake, not a truth value.
+        if probe.dtype.kind != "b" and probe.size and not np.all((probe == 0) | (probe == 1)):
+            raise PayloadError(f"{what}: {_first_bad(values, datatype)}, expected true/false or 0/1")
+        return probe.astype(dtype, copy=False)
+    if dtype.kind in "iu" and probe.size:
+        if probe.dtype.kind == "f" and not (np.all(np.isfinite(probe)) and np.all(probe == np.floor(probe))):
+            raise PayloadError(f"{what}: non-integer value for {datatype}")
         info = np.iinfo(dtype.type)  # type: ignore[type-var]
+        # Checked on the values as parsed (ints or integral floats alike), before any cast wraps them.
         if probe.min() < info.min or probe.max() > info.max:
-            raise PayloadError(f"{what}: value out of range for {datatype}")
+            raise PayloadError(f"{what}: value out of range for {datatype} [{info.min}, {info.max}]")
     return probe.astype(dtype, copy=False)
 
 
-def _first_bad(arr: Array, datatype: str) -> str:
-    for i, value in enumerate(arr.reshape(-1)):
-        if not _kind_ok(value, datatype) or (
-            isinstance(value, float) and math.isnan(value) and datatype == "BOOL"
-        ):
+def _flat(values: Any) -> list[Any]:
+    if not isinstance(values, list):
+        return [values]
+    out: list[Any] = []
+    for value in values:
+        out.extend(_flat(value) if isinstance(value, list) else [value])
+    return out
+
+
+def _first_bad(values: Any, datatype: str) -> str:
+    """The first offending element, looked up in the JSON values (not a numpy conversion of them)."""
+    for i, value in enumerate(_flat(values)):
+        if not _kind_ok(value, datatype):
             return f"element {i} is {type(value).__name__} {value!r}"
-    return f"values of type {arr.dtype} are not numbers"
+    return "values are not all of one numeric kind"
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str) -> None:

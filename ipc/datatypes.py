@@ -128,8 +128,8 @@ def deserialize_bytes(buffer: memoryview | bytes, count: int | None = None) -> n
         pos += length
     if count is not None and len(items) != count:
         raise ValueError(f"BYTES tensor holds {len(items)} elements, shape needs {count}")
-    if count is None and pos != end:
-        raise ValueError("BYTES tensor has trailing bytes")
+    if pos != end:
+        raise ValueError(f"BYTES tensor has {end - pos} bytes after its last element")
     out = np.empty(len(items), dtype=object)
     out[:] = items
     return out

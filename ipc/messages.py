@@ -33,7 +33,7 @@ endpoint               binder    peers / messages
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -356,9 +356,30 @@ def encode(message: Any) -> bytes:
     return encoder.encode(message)
 
 
-infer_request_decoder = msgspec.msgpack.Decoder(InferRequest)
-infer_reply_decoder = msgspec.msgpack.Decoder(InferReply)
-coordinator_inbound_decoder = msgspec.msgpack.Decoder(CoordinatorInbound)
-worker_inbound_decoder = msgspec.msgpack.Decoder(CoordinatorToWorker)
-client_inbound_decoder = msgspec.msgpack.Decoder(CoordinatorToClient)
-table_decoder = msgspec.msgpack.Decoder(TableSnapshot)
+T = TypeVar("T")
+
+
+class Decoder(Generic[T]):
+    """A msgpack decoder whose every failure is ``msgspec.DecodeError``.
+
+    msgspec raises UnicodeDecodeError for strings that are not UTF-8 (msgspec
+    #714); one such message from a faulty peer must not crash a process that
+    only expects DecodeError.
+    """
+
+    def __init__(self, kind: Any) -> None:
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(kind)
+
+    def decode(self, payload: bytes) -> T:
+        try:
+            return self._decoder.decode(payload)
+        except UnicodeDecodeError as exc:
+            raise msgspec.DecodeError(f"invalid UTF-8 in a message string: {exc}") from None
+
+
+infer_request_decoder: Decoder[InferRequest] = Decoder(InferRequest)
+infer_reply_decoder: Decoder[InferReply] = Decoder(InferReply)
+coordinator_inbound_decoder: Decoder[CoordinatorInbound] = Decoder(CoordinatorInbound)
+worker_inbound_decoder: Decoder[CoordinatorToWorker] = Decoder(CoordinatorToWorker)
+client_inbound_decoder: Decoder[CoordinatorToClient] = Decoder(CoordinatorToClient)
+table_decoder: Decoder[TableSnapshot] = Decoder(TableSnapshot)

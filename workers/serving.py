@@ -304,6 +304,7 @@ class Engine:
                             Status.OUTPUT_REGION,
                             f"output {name!r} needs {len(raw)} bytes; its shared-memory region "
                             f"{target.segment!r} holds {target.nbytes}",
+                            spill=spill_name,  # the frontend owns (and unlinks) it all the same
                         )
                     self.segments.view(target.segment, target.offset, len(raw))[:] = raw
                     refs.append(TensorRef(name, datatype, shape, target.segment, target.offset, len(raw)))

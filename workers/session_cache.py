@@ -82,23 +82,30 @@ class SessionCache(Generic[T]):
                     f"MODEL_SERVER_WORKER_MAX_BYTES={self.max_bytes}",
                     permanent=True,
                 )
-            evicted: list[Key] = []
-            while not self._fits(nbytes, exclude):
-                victim = next(
-                    (e for k, e in self._entries.items() if e.pins == 0 and not e.closing and k != exclude),
-                    None,
-                )
-                if victim is None:
+            # Choose every victim first and evict only if they free enough: a refused load
+            # must not drop sessions. Sessions in flight or being unloaded are never chosen.
+            candidates = [
+                e
+                for k, e in self._entries.items()
+                if e.pins == 0 and not e.closing and not e.close_after_ns and k != exclude
+            ]
+            chosen: list[Entry[T]] = []
+            while not self._fits(nbytes, exclude, {e.key for e in chosen}):
+                if not candidates:
                     raise BudgetExceeded(
                         "worker budget is full and every loaded model has requests in flight", permanent=False
                     )
+                chosen.append(candidates.pop(0))
+            for victim in chosen:
                 del self._entries[victim.key]
-                evicted.append(victim.key)
                 self.evictions += 1
-            return evicted
+            if chosen:
+                self._unpinned.notify_all()
+            return [victim.key for victim in chosen]
 
-    def _fits(self, nbytes: int, exclude: Key | None) -> bool:
-        entries = [e for k, e in self._entries.items() if k != exclude]
+    def _fits(self, nbytes: int, exclude: Key | None, leaving: set[Key] | None = None) -> bool:
+        gone = leaving or set()
+        entries = [e for k, e in self._entries.items() if k != exclude and k not in gone]
         if self.max_models and len(entries) + 1 > self.max_models:
             return False
         return not (self.max_bytes and sum(e.nbytes for e in entries) + nbytes > self.max_bytes)
@@ -123,9 +130,14 @@ class SessionCache(Generic[T]):
                 return False
             if not entry.close_after_ns:
                 entry.close_after_ns = time.monotonic_ns() + grace_ns
-            if not self._unpinned.wait_for(lambda: entry.closing and entry.pins == 0, timeout=timeout):
+
+            def done() -> bool:
+                return self._entries.get(key) is not entry or (entry.closing and entry.pins == 0)
+
+            if not self._unpinned.wait_for(done, timeout=timeout):
                 return False
-            del self._entries[key]
+            if self._entries.get(key) is entry:
+                del self._entries[key]
             return True
 
     def close_due(self, now_ns: int) -> int:
