@@ -124,7 +124,7 @@ class Service:
     async def entry(self, model_id: str, version: str | None, *, require_ready: bool = True) -> ModelEntry:
         """The model's entry, or the ApiError that fits its absence or state."""
         entry = self._lookup(model_id, version)
-        if entry is None or (require_ready and entry.state != "ready"):
+        if entry is None or entry.state != "ready":
             # Our snapshot may predate a load that just finished: ask once.
             await self.coordinator.refresh()
             entry = self._lookup(model_id, version)
@@ -150,12 +150,14 @@ class Service:
                 reply.error,
                 {"model_id": model_id, "version": version},
             )
+        await self.coordinator.refresh()  # so this process routes to it at once, before the next publish
         return reply.entry
 
     async def unload(self, model_id: str, version: str) -> ModelEntry:
         reply = await self.coordinator.unload(model_id, version, timeout=self.settings.drain_seconds + 10)
         if reply.status != 200 or reply.entry is None:
             raise ApiError(reply.status, reply.code or "unload_failed", reply.error, {"model_id": model_id})
+        await self.coordinator.refresh()
         return reply.entry
 
     # --- inference ---------------------------------------------------------------------
