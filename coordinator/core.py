@@ -304,12 +304,7 @@ class CoordinatorCore:
         key = (msg.model_id, msg.version)
         entry = self.models.get(key)
         if entry is None:
-            self._reply(
-                peer,
-                ClientReply(
-                    msg.req, 404, f"model {msg.model_id}:{msg.version} is not loaded", "model_not_found"
-                ),
-            )
+            self._reply(peer, _not_loaded(msg.req, key))
             return
         self.start_unload(key, (peer, msg.req))
 
@@ -355,12 +350,7 @@ class CoordinatorCore:
         key = (msg.model_id, msg.version)
         entry = self.models.get(key)
         if entry is None:
-            self._reply(
-                peer,
-                ClientReply(
-                    msg.req, 404, f"model {msg.model_id}:{msg.version} is not loaded", "model_not_found"
-                ),
-            )
+            self._reply(peer, _not_loaded(msg.req, key))
             return
         if self.entry_out(entry).workers and entry.state == "ready":
             self._reply(peer, ClientReply(msg.req, 200, entry=entry))
@@ -700,6 +690,10 @@ class CoordinatorCore:
             for e in self.models.values()
             if e.state in {"ready", "loading", "downloading"}
         ]
+
+
+def _not_loaded(req: int, key: Key) -> ClientReply:
+    return ClientReply(req, 404, f"model {key[0]}:{key[1]} is not loaded", "model_not_found")
 
 
 def _index_state(state: str) -> str:

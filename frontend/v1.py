@@ -219,7 +219,7 @@ async def infer_v1(service: Service, body: bytes) -> Response:
 
 
 async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Response:
-    payload = _parse(raw_body)
+    payload = parse_object(raw_body)
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise ApiError(422, "invalid_request", "model_id: a non-empty string is required")
@@ -272,11 +272,12 @@ async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Respons
     return json_response(body)
 
 
-def _parse(body: bytes) -> dict[str, Any]:
+def parse_object(body: bytes, status: int = 422) -> dict[str, Any]:
+    """A JSON object body, or the ApiError (``status``: 422 for /v1, 400 for /v2) saying what is wrong."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(422, "invalid_json", f"body is not valid JSON: {exc}") from None
+        raise ApiError(status, "invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
-        raise ApiError(422, "invalid_request", "body must be a JSON object")
+        raise ApiError(status, "invalid_request", "body must be a JSON object")
     return payload

@@ -25,7 +25,7 @@ from model_server.models_file import ModelsFileError, model_config_from
 from .dispatcher import InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
-from .v1 import json_response, readiness, service_of
+from .v1 import json_response, parse_object, readiness, service_of
 from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -323,15 +323,7 @@ async def _infer_tracked(
 
 async def _json_body(request: Request) -> dict[str, Any]:
     body = await request.body()
-    if not body:
-        return {}
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "body must be a JSON object")
-    return data
+    return parse_object(body, 400) if body else {}
 
 
 @router.post("/repository/index", summary="Repository index")

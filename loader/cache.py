@@ -68,6 +68,8 @@ from typing import Any
 
 from onnx import checker
 
+from ipc.arena import pid_alive
+
 from .artifact import Artifact, ProgressCallback
 from .errors import InvalidModel, LoadError
 from .inspect import sha256_file
@@ -181,16 +183,6 @@ class CacheUsage:
     pinned_bytes: int
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _verify_onnx(path: Path, where: str) -> None:
     try:
         checker.check_model(str(path))
@@ -237,7 +229,7 @@ class ArtifactCache:
                 age = now - child.lstat().st_mtime
             except OSError:
                 continue
-            if pid and pid != os.getpid() and _pid_alive(pid) and age < STALE_TMP_S:
+            if pid and pid != os.getpid() and pid_alive(pid) and age < STALE_TMP_S:
                 continue
             log.info("removing leftover partial download %s", child)
             self._remove(child)
