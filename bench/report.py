@@ -1,0 +1,388 @@
+"""Results JSON -> ratios, target verdicts and the Markdown for BENCHMARKS.md (pure).
+
+Ratios compare medians of the same model, concurrency and batch size:
+- ``÷ MLServer`` / ``÷ MLServer ∥N``: this server's req/s over MLServer's V2 JSON req/s
+  (in-process / with N parallel workers), whatever path this server's row used;
+- ``÷ ORT``: rows/s over raw onnxruntime's rows/s (one thread, same batch size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.stats import Cell
+
+OURS, MLS, MLS_PAR, ORT = "ours", "mlserver", "mlserver-parallel", "ort"
+MD_START, MD_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TARGET_CONCURRENCY = 32
+BUSY_PCT = 15.0  # CPU use before a peer starts above which the report warns
+NOISY_PCT = 10.0  # CPU used by other processes during a cell above which it is flagged
+PATH_ORDER = ("v2-json", "v2-binary", "v1-records", "py-binary", "py-shm", "in-process")
+PEER_ORDER = (OURS, MLS, MLS_PAR, ORT)
+MODEL_ORDER = ("tabular", "mlp", "cnn")
+PATH_CLIENT = {
+    "v2-json": "wrk",
+    "v2-binary": "wrk",
+    "v1-records": "wrk",
+    "py-binary": "Python client",
+    "py-shm": "Python client",
+    "in-process": "loop",
+}
+
+Key = tuple[str, str, str, int, int, bool]
+
+
+def cells_of(results: dict[str, Any]) -> list[Cell]:
+    return [Cell.from_json(data) for data in results.get("cells", [])]
+
+
+def index(cells: Iterable[Cell]) -> dict[Key, Cell]:
+    return {cell.key: cell for cell in cells if cell.ok}
+
+
+def find(
+    idx: dict[Key, Cell],
+    peer: str,
+    model: str,
+    path: str,
+    concurrency: int,
+    batch: int = 1,
+    batching: bool = False,
+) -> Cell | None:
+    return idx.get((peer, model, path, concurrency, batch, batching))
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    if denominator <= 0 or math.isnan(numerator) or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def vs_mlserver(idx: dict[Key, Cell], cell: Cell, mlserver_peer: str) -> float | None:
+    """This server's req/s over MLServer's V2 JSON req/s for the same model, c and batch (wrk rows
+    only: the Python-client rows use another load generator)."""
+    if cell.peer != OURS or PATH_CLIENT.get(cell.path) != "wrk":
+        return None
+    other = find(idx, mlserver_peer, cell.model, "v2-json", cell.concurrency, cell.batch)
+    return ratio(cell.rps, other.rps) if other else None
+
+
+def vs_ort(idx: dict[Key, Cell], cell: Cell) -> float | None:
+    """rows/s over raw onnxruntime's rows/s (one thread) at the same batch size."""
+    if cell.peer == ORT:
+        return None
+    other = find(idx, ORT, cell.model, "in-process", 1, cell.batch)
+    return ratio(cell.rows_per_s, other.rows_per_s) if other else None
+
+
+# --- targets ---------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    status: str  # "met", "missed by N%", "not measured"
+
+    @property
+    def met(self) -> bool:
+        return self.status == "met"
+
+
+def at_least(target: str, actual: float | None, required: float | None, what: str) -> Verdict:
+    """``actual >= required``; a miss says by how much ``actual`` falls short in %."""
+    if actual is None or required is None or math.isnan(actual) or math.isnan(required):
+        return Verdict(target, "—", "not measured")
+    measured = f"{what}: {fmt_num(actual)} vs needed {fmt_num(required)}"
+    if actual >= required:
+        return Verdict(target, measured, "met")
+    short = (1.0 - actual / required) * 100.0 if required > 0 else 100.0
+    return Verdict(target, measured, f"missed by {short:.0f}%")
+
+
+def at_most(target: str, actual: float | None, limit: float, what: str) -> Verdict:
+    """``actual <= limit``; a miss says by how much ``actual`` is over the limit in %."""
+    if actual is None or math.isnan(actual):
+        return Verdict(target, "—", "not measured")
+    measured = f"{what}: {fmt_num(actual)} vs limit {fmt_num(limit)}"
+    if actual <= limit:
+        return Verdict(target, measured, "met")
+    return Verdict(target, measured, f"missed by {(actual / limit - 1.0) * 100.0:.0f}%")
+
+
+def _rps(cell: Cell | None) -> float | None:
+    return cell.rps if cell else None
+
+
+def _times(factor: float, value: float | None) -> float | None:
+    return factor * value if value is not None else None
+
+
+def evaluate_targets(cells: Iterable[Cell]) -> list[Verdict]:
+    idx = index(cells)
+    c = TARGET_CONCURRENCY
+
+    def get(peer: str, model: str, path: str, conc: int, batching: bool = False) -> Cell | None:
+        return find(idx, peer, model, path, conc, 1, batching)
+
+    verdicts: list[Verdict] = []
+    ours_tab = _rps(get(OURS, "tabular", "v2-json", c))
+    verdicts.append(
+        at_least(
+            f"tabular, V2 JSON, c={c}: ≥ 2x MLServer with parallel workers",
+            ours_tab,
+            _times(2.0, _rps(get(MLS_PAR, "tabular", "v2-json", c))),
+            "req/s",
+        )
+    )
+    mls_tab = _rps(get(MLS, "tabular", "v2-json", c))
+    verdicts.append(
+        at_least(
+            f"tabular, V2 JSON, c={c}: ahead of MLServer in-process",
+            ours_tab,
+            mls_tab * 1.000001 if mls_tab is not None else None,
+            "req/s",
+        )
+    )
+    tab_c1 = get(OURS, "tabular", "v2-json", 1)
+    verdicts.append(
+        at_most("tabular, V2 JSON, c=1: p50 ≤ 0.5 ms", tab_c1.p50_ms if tab_c1 else None, 0.5, "p50 ms")
+    )
+    verdicts.append(
+        at_least(
+            f"CNN, V2 JSON, c={c}: ≥ 2x MLServer in-process",
+            _rps(get(OURS, "cnn", "v2-json", c)),
+            _times(2.0, _rps(get(MLS, "cnn", "v2-json", c))),
+            "req/s",
+        )
+    )
+    mls_cnn = [r for r in (_rps(get(MLS, "cnn", "v2-json", c)), _rps(get(MLS_PAR, "cnn", "v2-json", c))) if r]
+    verdicts.append(
+        at_least(
+            f"CNN, V2 binary, c={c}: ≥ 10x MLServer's V2 JSON (the better of its two modes)",
+            _rps(get(OURS, "cnn", "v2-binary", c)),
+            10.0 * max(mls_cnn) if mls_cnn else None,
+            "req/s",
+        )
+    )
+    shm = [
+        cell for cell in idx.values() if cell.peer == OURS and cell.model == "cnn" and cell.path == "py-shm"
+    ]
+    best_shm = max(shm, key=lambda cell: cell.rps) if shm else None
+    ort_cnn = get(ORT, "cnn", "in-process", 1)
+    verdicts.append(
+        at_least(
+            "CNN, shared memory (Python client, best concurrency): ≥ 50% of raw onnxruntime calls/s",
+            best_shm.rps if best_shm else None,
+            _times(0.5, _rps(ort_cnn)),
+            f"req/s (c={best_shm.concurrency})" if best_shm else "req/s",
+        )
+    )
+    for path, label in (("v2-json", "V2 JSON"), ("v2-binary", "V2 binary")):
+        batched = get(OURS, "mlp", path, 64, batching=True)
+        plain = get(OURS, "mlp", path, 64)
+        verdicts.append(
+            at_least(
+                f"MLP, {label}, c=64: rows/s with dynamic batching ≥ 5x without",
+                batched.rows_per_s if batched else None,
+                _times(5.0, plain.rows_per_s if plain else None),
+                "rows/s",
+            )
+        )
+    return verdicts
+
+
+# --- Markdown --------------------------------------------------------------------------
+
+
+def fmt_num(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 10:
+        return f"{value:.0f}x"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.3f}x"
+
+
+def fmt_bytes(value: int) -> str:
+    return f"{value / 2**20:,.0f} MiB" if value else "—"
+
+
+def _path_label(cell: Cell) -> str:
+    label = f"{cell.path} ({PATH_CLIENT.get(cell.path, '?')})"
+    return label + " +batching" if cell.batching else label
+
+
+def _sort_key(cell: Cell) -> tuple[int, bool, int, int, int]:
+    path = PATH_ORDER.index(cell.path) if cell.path in PATH_ORDER else len(PATH_ORDER)
+    peer = PEER_ORDER.index(cell.peer) if cell.peer in PEER_ORDER else len(PEER_ORDER)
+    return (path, cell.batching, cell.concurrency, cell.batch, peer)
+
+
+def model_table(cells: list[Cell], idx: dict[Key, Cell], workers: int) -> list[str]:
+    lines = [
+        f"| path (client) | c | peer | req/s | rows/s | p50 ms | p99 ms | errors | ÷ MLServer | "
+        f"÷ MLServer ∥{workers} | ÷ ORT | busy elsewhere |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in sorted((c for c in cells if c.peer != ORT), key=_sort_key):
+        if not cell.ok:
+            lines.append(
+                f"| {_path_label(cell)} | {cell.concurrency} | {cell.peer} | failed: "
+                f"{(cell.error or 'no data').splitlines()[0][:80]} | | | | | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {_path_label(cell)} | {cell.concurrency} | {cell.peer} | {fmt_num(cell.rps)} | "
+            f"{fmt_num(cell.rows_per_s)} | {fmt_num(cell.p50_ms)} | {fmt_num(cell.p99_ms)} | {cell.errors} | "
+            f"{fmt_ratio(vs_mlserver(idx, cell, MLS))} | {fmt_ratio(vs_mlserver(idx, cell, MLS_PAR))} | "
+            f"{fmt_ratio(vs_ort(idx, cell))} | {fmt_busy(cell)} |"
+        )
+    return lines
+
+
+def fmt_busy(cell: Cell) -> str:
+    text = f"{cell.busy_elsewhere_pct:.0f}%"
+    return f"**{text}**" if cell.busy_elsewhere_pct > NOISY_PCT else text
+
+
+def ort_table(cells: list[Cell]) -> list[str]:
+    order = {name: i for i, name in enumerate(MODEL_ORDER)}
+    rows = sorted((c for c in cells if c.peer == ORT), key=lambda c: (order.get(c.model, 99), c.batch))
+    lines = [
+        "| model | batch | calls/s | rows/s | p50 ms | p99 ms | busy elsewhere |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in rows:
+        if cell.ok:
+            lines.append(
+                f"| {cell.model} | {cell.batch} | {fmt_num(cell.rps)} | {fmt_num(cell.rows_per_s)} | "
+                f"{fmt_num(cell.p50_ms)} | {fmt_num(cell.p99_ms)} | {fmt_busy(cell)} |"
+            )
+        else:
+            lines.append(f"| {cell.model} | {cell.batch} | failed: {(cell.error or '')[:80]} | | | | |")
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    settings = meta.get("settings", {})
+    machine = meta.get("machine", {})
+    versions = meta.get("versions", {})
+    cells = cells_of(results)
+    idx = index(cells)
+    workers = int(settings.get("workers", 0))
+    out: list[str] = [MD_START, f"## Results: {meta.get('date', '?')}", ""]
+    out.append(
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+        f"{machine.get('ram_gib', '?')} GiB RAM, {machine.get('os', '?')}."
+    )
+    out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    out.append(
+        f"Settings: {settings.get('duration_s')} s per repetition, {settings.get('reps')} repetition(s) "
+        f"(medians shown), {settings.get('warmup_s')} s warm-up, {workers} worker process(es) for every "
+        f"server, batch {settings.get('batch')} per request, concurrency {settings.get('concurrency')}"
+        + (" (**quick smoke run: not for the record**)" if settings.get("quick") else "")
+        + "."
+    )
+    out.append(f"Command: `{meta.get('command', '')}`")
+    out.append("")
+    peers = results.get("peers", {})
+    out += [
+        "| peer | what | started with | peak RSS (all processes) | peak PSS | processes |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name in sorted(peers, key=lambda n: PEER_ORDER.index(n) if n in PEER_ORDER else 99):
+        info = peers[name]
+        memory = info.get("memory", {})
+        status = "" if info.get("available", True) else " **not available**"
+        started = ", ".join(f"{k}={v}" for k, v in info.get("settings_short", {}).items())
+        out.append(
+            f"| {name}{status} | {info.get('label', '')} | {started} | "
+            f"{fmt_bytes(memory.get('rss_bytes', 0))} | {fmt_bytes(memory.get('pss_bytes', 0))} | "
+            f"{memory.get('processes', 0) or '—'} |"
+        )
+    busy = {
+        n: p["cpu_busy_before_pct"] for n, p in peers.items() if p.get("cpu_busy_before_pct", 0) > BUSY_PCT
+    }
+    if busy:
+        out.append("")
+        out.append(
+            "**Warning:** the machine was busy before these peers started (CPU %): "
+            + ", ".join(f"{n} {v:.0f}%" for n, v in busy.items())
+            + "; other processes perturbed their numbers."
+        )
+    unavailable = [(n, p.get("note", "")) for n, p in peers.items() if not p.get("available", True)]
+    for name, note in unavailable:
+        out.append("")
+        out.append(f"`{name}` not available: {note.splitlines()[0] if note else 'no reason recorded'}")
+    out.append("")
+    models = results.get("models", {})
+    for model in MODEL_ORDER:
+        model_cells = [c for c in cells if c.model == model and c.peer != ORT]
+        if not model_cells:
+            continue
+        info = models.get(model, {})
+        out += [f"### {model}: {info.get('description', '')}", ""]
+        out += model_table(model_cells, idx, workers)
+        out.append("")
+    ort_cells = [c for c in cells if c.peer == ORT]
+    if ort_cells:
+        out += ["### Raw onnxruntime in-process (one thread, no server: the limit)", ""]
+        out += ort_table(ort_cells)
+        out.append("")
+    out += ["### Targets (issue 5)", "", "| target | measured | status |", "|---|---|---|"]
+    for verdict in evaluate_targets(cells):
+        out.append(f"| {verdict.target} | {verdict.measured} | {verdict.status} |")
+    out.append("")
+    out += NOTES
+    out.append(MD_END)
+    return "\n".join(out) + "\n"
+
+
+NOTES = [
+    "Notes:",
+    "- wrk rows: closed loop, connections = concurrency, threads = min(2, c); wrk shares the 2 cores with "
+    "the server. Errors = socket errors + timeouts + HTTP status ≥ 400.",
+    "- Python-client rows (py-binary, py-shm): c client processes, one keep-alive connection each; every "
+    "request includes the client's own copies (body build / shared-memory write, output copy-out). Compare "
+    "py-shm with py-binary, not with wrk rows.",
+    "- ÷ MLServer columns divide this server's req/s (wrk rows) by MLServer's V2 JSON req/s at the same "
+    "concurrency; ÷ ORT divides rows/s by raw onnxruntime's single-thread rows/s.",
+    "- busy elsewhere: CPU that processes other than the peer and the harness (and the hypervisor's "
+    f"steal) took during the cell, as % of all cores; above {NOISY_PCT:.0f}% (bold) the cell's numbers "
+    "are perturbed.",
+    "- Peak RSS sums every process of a peer (shared pages counted once per process); PSS splits "
+    "shared pages among the processes that map them.",
+]
+
+
+def replace_section(document: str, section: str) -> str:
+    """Put ``section`` (which carries the markers) between the markers of ``document``, or append it."""
+    start = document.find(MD_START)
+    end = document.find(MD_END)
+    if start == -1 or end == -1 or end < start:
+        sep = (
+            "" if not document or document.endswith("\n\n") else ("\n" if document.endswith("\n") else "\n\n")
+        )
+        return document + sep + section
+    return document[:start] + section.rstrip("\n") + document[end + len(MD_END) :]
+
+
+def summary_lines(results: dict[str, Any], printer: Callable[[str], None] = print) -> None:
+    for verdict in evaluate_targets(cells_of(results)):
+        printer(f"  [{verdict.status}] {verdict.target} — {verdict.measured}")
