@@ -6,6 +6,9 @@ Paths:
   ``Inference-Header-Content-Length``, outputs asked for in binary (this server).
 - ``v1-records``: the seed's ``/v1/infer`` body, one ``{feature: value}`` record a row
   (this server, tabular model only: it needs ``feature_names``).
+- ``v2-shm``: system shared memory driven by wrk: the input lies in a registered region
+  written once before the cell (the client's copy is not in the timing, as wrk's other
+  bodies are not rebuilt either); outputs come back in binary (this server).
 - ``py-binary`` / ``py-shm``: a Python client process loop (:mod:`bench.pyclient`),
   binary HTTP or system shared memory; not wrk.
 - ``in-process``: raw onnxruntime, no server (:mod:`bench.ort_raw`).
@@ -22,7 +25,7 @@ import numpy as np
 
 from bench.models import ReferenceModel, sample_input
 
-WRK_PATHS = ("v2-json", "v2-binary", "v1-records")
+WRK_PATHS = ("v2-json", "v2-binary", "v1-records", "v2-shm")
 PY_PATHS = ("py-binary", "py-shm")
 ORT_PATH = "in-process"
 ALL_PATHS = (*WRK_PATHS, *PY_PATHS, ORT_PATH)
@@ -90,6 +93,26 @@ def v2_binary_body(model: ReferenceModel, array: np.ndarray) -> tuple[bytes, int
     return header + raw, len(header)
 
 
+def v2_shm_body(model: ReferenceModel, array: np.ndarray, region: str) -> bytes:
+    """Input read by the workers from the client's region ``region``; outputs in binary."""
+    request = {
+        "inputs": [
+            {
+                "name": model.input.name,
+                "shape": list(array.shape),
+                "datatype": model.input.datatype,
+                "parameters": {"shared_memory_region": region, "shared_memory_byte_size": int(array.nbytes)},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def shm_region_name(model_id: str) -> str:
+    return f"bench_{model_id}_in"
+
+
 def v1_records_body(model: ReferenceModel, array: np.ndarray, model_id: str, version: str = "1") -> bytes:
     if not model.feature_names:
         raise ValueError(f"model {model.name!r} has no feature names; /v1 records need them")
@@ -119,6 +142,8 @@ def write_payload(
     elif path == "v1-records":
         body = v1_records_body(model, array, model_id, version)
         endpoint = "/v1/infer"
+    elif path == "v2-shm":
+        body = v2_shm_body(model, array, shm_region_name(model_id))
     else:
         raise ValueError(f"no wrk body for path {path!r}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ class PeerUnavailable(RuntimeError):
 @dataclass
 class PeerOptions:
     workers: int = 2
-    frontends: int = 1
+    frontends: int = 2
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 30.0
     max_batch_size: int = 64
@@ -217,7 +217,7 @@ class OurServer(Peer):
     """This project's server, started with ``model-server serve``."""
 
     name = "ours"
-    paths = ("v2-json", "v2-binary", "v1-records", "py-binary", "py-shm")
+    paths = ("v2-json", "v2-binary", "v1-records", "v2-shm", "py-binary", "py-shm")
 
     def __init__(
         self, work_dir: Path, options: PeerOptions, repository: Path, model_names: list[str]

@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 2; quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of every server (default 2)")
-    parser.add_argument("--frontends", type=int, default=1, help="this server's HTTP frontend processes")
+    parser.add_argument(
+        "--frontends", type=int, default=2, help="this server's HTTP frontend processes (its default: 2)"
+    )
     parser.add_argument("--peers", type=_csv, default=list(PEERS), help=f"comma list of {','.join(PEERS)}")
     parser.add_argument("--models", type=_csv, default=list(MODELS), help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--paths", type=_csv, default=[], help=f"only these paths ({','.join(ALL_PATHS)})")

@@ -8,20 +8,25 @@ report takes medians over the repetitions.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bench import loadgen, pyclient
 from bench.interference import CpuAccount
-from bench.models import REFERENCE_MODELS
+from bench.models import REFERENCE_MODELS, sample_input
 from bench.payloads import (
     HEADER_LENGTH,
     ORT_PATH,
     PY_PATHS,
     WRK_PATHS,
     check_response,
+    shm_region_name,
     supports,
     write_payload,
 )
@@ -127,6 +132,46 @@ def run_cell(peer: Peer, cell: Cell, settings: RunSettings, model_files: dict[st
 
 
 def _run_wrk_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
+    if cell.path != "v2-shm":
+        _measure_wrk_cell(peer, cell, settings)
+        return
+    # The input lives in a client region, written once and registered for the cell.
+    spec = REFERENCE_MODELS[cell.model]
+    array = sample_input(spec, cell.batch)
+    name = shm_region_name(cell.served_as)
+    shm_path = Path("/dev/shm") / name
+    fd = os.open(shm_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, array.nbytes)
+        os.pwrite(fd, np.ascontiguousarray(array, dtype="<f4").tobytes(), 0)
+    finally:
+        os.close(fd)
+    try:
+        register = json.dumps({"key": f"/{name}", "offset": 0, "byte_size": int(array.nbytes)}).encode()
+        status, _, body = http_request(
+            peer.port,
+            "POST",
+            f"/v2/systemsharedmemory/region/{name}/register",
+            register,
+            {"Content-Type": "application/json"},
+            timeout=settings.timeout_s,
+        )
+        if status != 200:
+            raise RuntimeError(f"cannot register region {name}: HTTP {status} {body[:200]!r}")
+        _measure_wrk_cell(peer, cell, settings)
+    finally:
+        http_request(
+            peer.port,
+            "POST",
+            f"/v2/systemsharedmemory/region/{name}/unregister",
+            b"",
+            {},
+            timeout=settings.timeout_s,
+        )
+        shm_path.unlink(missing_ok=True)
+
+
+def _measure_wrk_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
     spec = REFERENCE_MODELS[cell.model]
     payload = write_payload(spec, cell.served_as, cell.path, cell.batch, settings.results_dir / "bodies")
     status, headers, body = http_request(

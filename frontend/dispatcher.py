@@ -78,8 +78,12 @@ class InputTensor:
     array: Array | None = None
     raw: memoryview | bytes | None = None
     region: TensorRef | None = None
+    # Offset in this process's arena where ``raw`` already lies (a body streamed into a BodyLease).
+    arena_offset: int | None = None
 
     def nbytes(self) -> int:
+        if self.arena_offset is not None:
+            return 0  # takes no room in the request's slot: it is in the body slot
         if self.raw is not None:
             return len(self.raw)
         if self.array is not None:
@@ -116,15 +120,16 @@ class InferResult:
     queue_us: int
     compute_us: int
     batch_rows: int
-    _release: tuple[Arena, Slot, Segment | None] | None = None
+    _release: tuple[Arena, list[Slot], Segment | None] | None = None
 
     def release(self) -> None:
         if self._release is None:
             return
-        arena, slot, spill = self._release
+        arena, slots, spill = self._release
         self._release = None
         self.outputs = []
-        arena.free(slot)
+        for slot in slots:
+            arena.free(slot)
         if spill is not None:
             spill.unlink()
             spill.close()
@@ -137,10 +142,25 @@ class InferResult:
 
 
 @dataclass
+class BodyLease:
+    """A slot an HTTP body was streamed into (binary tensors in place, no copy).
+
+    The request handler owns it until the dispatcher sends a request that reads
+    from it; from then on it follows that request's slot (see ``ipc.arena``).
+    Whoever owns it at the end frees it: ``owned`` says whether that is still the handler.
+    """
+
+    slot: Slot
+    base: int  # arena offset of the body's first byte
+    size: int
+    owned: bool = True
+
+
+@dataclass
 class _Pending:
     future: asyncio.Future[InferReply]
     worker: int
-    slot: Slot | None
+    slots: list[Slot]
     sent_ns: int = field(default_factory=time.monotonic_ns)
 
 
@@ -267,7 +287,7 @@ class Dispatcher:
             self.per_worker.get(pending.worker, set()).discard(reply.seq)
             if pending.future.done():
                 # The caller gave up; the worker is done with the slot now.
-                self._free(pending.slot)
+                self._free(pending.slots)
                 self._drop_spill(reply.spill)
                 self.stats["quarantined"] -= 1
             else:
@@ -300,16 +320,25 @@ class Dispatcher:
             if pending is None:
                 continue
             if pending.future.done():
-                self._free(pending.slot)  # the dead worker will never write again
+                self._free(pending.slots)  # the dead worker will never write again
                 self.stats["quarantined"] -= 1
             else:
                 pending.future.set_exception(
                     DispatchError(503, "worker_died", f"worker {index} exited while serving the request")
                 )
 
-    def _free(self, slot: Slot | None) -> None:
-        if slot is not None:
+    def _free(self, slots: list[Slot]) -> None:
+        for slot in slots:
             self.arena.free(slot)
+
+    def reserve(self, nbytes: int) -> Slot:
+        """A slot for a request body to be streamed into (``BodyLease``)."""
+        try:
+            return self.arena.alloc(nbytes)
+        except TooLarge as exc:
+            raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
+        except ArenaFull as exc:
+            raise DispatchError(503, "arena_full", f"shared memory is busy: {exc}", retry_after=1) from None
 
     @staticmethod
     def _drop_spill(name: str) -> None:
@@ -341,8 +370,13 @@ class Dispatcher:
         trace_id: str,
         timeout_s: float,
         client_outputs: list[TensorRef] | None = None,
+        body: BodyLease | None = None,
     ) -> InferResult:
-        """Run one inference. Use the result as a context manager: its views die on exit."""
+        """Run one inference. Use the result as a context manager: its views die on exit.
+
+        Inputs with an ``arena_offset`` are read in place from ``body``, whose slot this
+        request takes over once it is sent.
+        """
         assert self.sock is not None
         workers = self.candidates(entry)
         if not workers:
@@ -356,12 +390,8 @@ class Dispatcher:
         input_bytes = sum(sizes)
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 1
         out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
-        try:
-            slot = self.arena.alloc(input_bytes + out_bytes)
-        except TooLarge as exc:
-            raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
-        except ArenaFull as exc:
-            raise DispatchError(503, "arena_full", f"shared memory is busy: {exc}", retry_after=1) from None
+        slot = self.reserve(input_bytes + out_bytes)
+        slots = [slot]
         # Who must free the slot if we leave early: this coroutine, the worker
         # (freed by the reply/death handlers), or the returned result.
         owner = "frontend"
@@ -384,8 +414,11 @@ class Dispatcher:
             )
             future: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
             worker = self._send(workers, encode(request))
-            # From here until the reply (or the worker's death) the worker owns the slot.
-            self.inflight[seq] = _Pending(future, worker, slot)
+            # From here until the reply (or the worker's death) the worker owns the slots.
+            if body is not None and body.owned:
+                body.owned = False
+                slots.append(body.slot)
+            self.inflight[seq] = _Pending(future, worker, slots)
             self.per_worker.setdefault(worker, set()).add(seq)
             self.stats["requests"] += 1
             owner = "worker"
@@ -421,12 +454,12 @@ class Dispatcher:
                 queue_us=reply.queue_us,
                 compute_us=reply.compute_us,
                 batch_rows=reply.batch_rows,
-                _release=(self.arena, slot, spill),
+                _release=(self.arena, slots, spill),
             )
             owner = "result"
         finally:
             if owner == "frontend":
-                self._free(slot)
+                self._free(slots)
                 if spill is not None:
                     spill.unlink()
                     spill.close()
@@ -454,6 +487,19 @@ class Dispatcher:
         for tensor, size in zip(inputs, sizes, strict=True):
             if tensor.region is not None:
                 refs.append(tensor.region)
+                continue
+            if tensor.arena_offset is not None:
+                assert tensor.raw is not None
+                refs.append(
+                    TensorRef(
+                        tensor.name,
+                        tensor.datatype,
+                        tensor.shape,
+                        self.arena.name,
+                        tensor.arena_offset,
+                        len(tensor.raw),
+                    )
+                )
                 continue
             nbytes = tensor.nbytes()
             dest = self.arena.view(offset, nbytes)

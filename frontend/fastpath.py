@@ -17,10 +17,13 @@ from urllib.parse import unquote
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import exception_response, internal_error
+from ipc.arena import ALIGNMENT, Arena
+
+from .dispatcher import BodyLease
+from .errors import ApiError, exception_response, internal_error
 from .service import Service
 from .v1 import infer_v1
-from .v2 import infer_v2
+from .v2 import HEADER_LENGTH, infer_v2
 
 _V2 = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 
@@ -46,18 +49,66 @@ class InferenceFastPath:
             model, version = unquote(match["model"]), match["version"]
             protocol = "v2"
         service: Service = self.state.service  # type: ignore[attr-defined]
-        body = await _read_body(receive)
+        lease: BodyLease | None = None
         try:
             if protocol == "v1":
-                response = await infer_v1(service, body)
+                response = await infer_v1(service, await _read_body(receive))
             else:
                 assert model is not None
+                headers = Headers(scope=scope)
+                lease = _lease_for(service, headers)
+                if lease is None:
+                    body: bytes | memoryview = await _read_body(receive)
+                else:
+                    body = await _stream_into(service.dispatcher.arena, lease, receive)
                 response = await infer_v2(
-                    service, model, unquote(version) if version else None, Headers(scope=scope), body
+                    service, model, unquote(version) if version else None, headers, body, lease
                 )
         except Exception as exc:
             response = exception_response(path, exc) or internal_error(path, exc)
+        finally:
+            if lease is not None and lease.owned:
+                service.dispatcher.arena.free(lease.slot)  # never handed to a worker
         await response(scope, receive, send)
+
+
+def _lease_for(service: Service, headers: Headers) -> BodyLease | None:
+    """A slot for a binary-extension body, when its size is known and it is not compressed.
+
+    The body is written at an offset that puts the first binary tensor (right after the
+    JSON header) on a 64-byte boundary, so the worker can view it in place.
+    """
+    length, header = headers.get("content-length"), headers.get(HEADER_LENGTH)
+    if length is None or header is None or headers.get("content-encoding", "identity") != "identity":
+        return None
+    try:
+        size, header_size = int(length), int(header)
+    except ValueError:
+        return None  # the handler explains what is wrong
+    if not 0 <= header_size <= size <= service.settings.max_request_bytes:
+        return None
+    pad = -header_size % ALIGNMENT
+    slot = service.dispatcher.reserve(pad + size)
+    return BodyLease(slot, slot.offset + pad, size)
+
+
+async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memoryview:
+    """Receive the body straight into the lease's slot: the only copy of the tensors on the way in."""
+    pos = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ApiError(400, "bad_request", "the client went away while sending the body")
+        chunk = message.get("body", b"")
+        if pos + len(chunk) > lease.size:
+            raise ApiError(400, "bad_request", "the body is longer than its Content-Length")
+        arena.view(lease.base + pos, len(chunk))[:] = chunk
+        pos += len(chunk)
+        more = message.get("more_body", False)
+    if pos != lease.size:
+        raise ApiError(400, "bad_request", f"the body has {pos} bytes, its Content-Length says {lease.size}")
+    return arena.view(lease.base, lease.size)
 
 
 async def _read_body(receive: Receive) -> bytes:

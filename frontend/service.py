@@ -22,7 +22,7 @@ from model_server import metrics
 from model_server.settings import Settings
 
 from .coordinator_client import CoordinatorClient, Table
-from .dispatcher import Dispatcher, DispatchError, InferResult, InputTensor
+from .dispatcher import BodyLease, Dispatcher, DispatchError, InferResult, InputTensor
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class Service:
         trace_id: str,
         client_outputs: list[TensorRef] | None = None,
         timeout_s: float | None = None,
+        body: BodyLease | None = None,
     ) -> InferResult:
         """Dispatch; if no worker holds the model any more, have the coordinator place it and retry once.
 
@@ -180,12 +181,16 @@ class Service:
         if timeout_s is not None and 0 < timeout_s < timeout:
             timeout = timeout_s
         try:
-            return await self.dispatcher.infer(entry, inputs, output_names, trace_id, timeout, client_outputs)
+            return await self.dispatcher.infer(
+                entry, inputs, output_names, trace_id, timeout, client_outputs, body
+            )
         except DispatchError as exc:
             if exc.code not in RETRYABLE:
                 raise
         entry = await self._bring_back(entry)
-        return await self.dispatcher.infer(entry, inputs, output_names, trace_id, timeout, client_outputs)
+        return await self.dispatcher.infer(
+            entry, inputs, output_names, trace_id, timeout, client_outputs, body
+        )
 
     async def _bring_back(self, entry: ModelEntry) -> ModelEntry:
         await self.coordinator.refresh()

@@ -22,7 +22,7 @@ from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
-from .dispatcher import InputTensor
+from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
 from .v1 import json_response, parse_object, readiness, service_of
@@ -186,7 +186,7 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
 
 
-def _decompress(headers: Mapping[str, str], body: bytes, limit: int) -> bytes:
+def _decompress(headers: Mapping[str, str], body: bytes | memoryview, limit: int) -> bytes | memoryview:
     encoding = headers.get("content-encoding", "").lower()
     if encoding in ("", "identity"):
         return body
@@ -222,11 +222,17 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
 
 
 async def infer_v2(
-    service: Service, model: str, version: str | None, headers: Mapping[str, str], body: bytes
+    service: Service,
+    model: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    body: bytes | memoryview,
+    lease: BodyLease | None = None,
 ) -> Response:
-    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly."""
+    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly,
+    with ``lease`` when it streamed the body into shared memory."""
     with service.track("v2") as tracker:
-        return await _infer_tracked(service, tracker, model, version, headers, body)
+        return await _infer_tracked(service, tracker, model, version, headers, body, lease)
 
 
 async def _infer_tracked(
@@ -235,7 +241,8 @@ async def _infer_tracked(
     model: str,
     version: str | None,
     headers: Mapping[str, str],
-    raw_body: bytes,
+    raw_body: bytes | memoryview,
+    lease: BodyLease | None = None,
 ) -> Response:
     raw_length = headers.get(HEADER_LENGTH)
     header_length: int | None = None
@@ -268,6 +275,12 @@ async def _infer_tracked(
                 item.region_size,
             )
             inputs.append(InputTensor(item.name, item.datatype, item.shape, region=ref))
+        elif lease is not None and item.raw is not None:
+            # Already in shared memory where the body was streamed: referenced, not copied.
+            offset = lease.base + item.raw_offset
+            inputs.append(
+                InputTensor(item.name, item.datatype, item.shape, raw=item.raw, arena_offset=offset)
+            )
         else:
             inputs.append(InputTensor(item.name, item.datatype, item.shape, array=item.array, raw=item.raw))
     client_outputs: list[TensorRef] = []
@@ -280,7 +293,7 @@ async def _infer_tracked(
     requested = {o.name: o for o in parsed.outputs}
     names = [o.name for o in parsed.outputs]
     result = await service.infer(
-        entry, inputs, names, request_id_var.get(), client_outputs, timeout_s=parsed.timeout_s
+        entry, inputs, names, request_id_var.get(), client_outputs, timeout_s=parsed.timeout_s, body=lease
     )
     with result:
         tracker.result = result

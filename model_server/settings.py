@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     # --- process layout -------------------------------------------------------
     frontend_processes: int = Field(
-        1, ge=1, le=64, description="HTTP frontend processes sharing the port (SO_REUSEPORT)."
+        2, ge=1, le=64, description="HTTP frontend processes sharing the port (SO_REUSEPORT)."
     )
     spare_workers: int = Field(
         2,

@@ -177,7 +177,10 @@ class Engine:
                 f"input {ref.name!r}: shape {ref.shape} of {ref.datatype} needs "
                 f"{count * dtype.itemsize} bytes, got {ref.nbytes}"
             )
-        return np.frombuffer(view, dtype=dtype, count=count).reshape(ref.shape)
+        arr = np.frombuffer(view, dtype=dtype, count=count).reshape(ref.shape)
+        # A tensor placed right after another of a smaller element type (binary bodies are
+        # streamed in place) can be misaligned: copy it rather than hand ONNX Runtime that.
+        return arr if arr.flags.aligned else arr.copy()
 
     def _run(self, jobs: list[Job], feeds_list: list[dict[str, Array]] | None = None) -> Out:
         """One ONNX Runtime call for all ``jobs``; every job's pin is released here."""

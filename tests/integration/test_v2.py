@@ -327,6 +327,14 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(v2server: Serve
         shm.destroy_shared_memory_region(handle)
     r = _post(v2server, good, {"Inference-Header-Content-Length": str(len(header))})
     assert r.status_code == 200
+
+    # Every body slot of the refused requests went back to the arena (the gauge is sampled each second).
+    def arena_empty() -> bool:
+        text = v2server.client.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("model_server_shm_bytes_in_use"))
+        return float(line.split()[-1]) == 0
+
+    v2server.wait_for(arena_empty, 10, "the arena to be empty")
     # Binary inputs, no binary outputs asked for: a plain JSON answer.
     assert "Inference-Header-Content-Length" not in r.headers
     expected = ort_run(v2server.repository / "linear" / "1" / "model.onnx", {"x": x})
