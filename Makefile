@@ -38,7 +38,7 @@ integration: install
 	$(PY) -m pytest -q tests/integration
 
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run --write-md BENCHMARKS.md
 
 # Re-resolve the pinned versions (needs the network).
 lock:
