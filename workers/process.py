@@ -141,7 +141,11 @@ def main() -> int:
     start_role(f"worker-{index}", settings, f"worker {index}")
     stop = ShutdownFlag().install()
     try:
-        gpu_ids = settings.gpu_ids(device.detect_gpu_count())
+        detected = device.detect_gpu_count()
+        gpu_ids = settings.gpu_ids(detected)
+        missing = [g for g in gpu_ids if g >= detected]
+        if missing:
+            raise ValueError(f"GPU(s) {missing} configured but {detected} GPU(s) found")
         placement = device.plan(
             index,
             settings.workers,

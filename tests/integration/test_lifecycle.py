@@ -122,3 +122,59 @@ def test_ready_waits_for_start_up_models_and_shm_is_released(repository: Path, t
     while time.monotonic() < deadline and "stopped: coordinator" not in server.log():
         time.sleep(0.1)
     assert "stopped: coordinator (exit status 0)" in server.log()
+
+
+def test_worker_recycles_when_memory_stays_high_after_an_unload(repository: Path) -> None:
+    """MODEL_SERVER_WORKER_RECYCLE_RSS_BYTES: a worker still above the mark after an unload exits
+    with RECYCLE; supervisord starts a new one and the coordinator gives it the remaining models."""
+    server = Server(repository, workers=1, MODEL_SERVER_WORKER_RECYCLE_RSS_BYTES=1)  # any RSS is above
+    try:
+        server.start()
+        c = server.client
+        for version in ("1", "2"):
+            assert (
+                c.post("/v1/models/load", json={"model_id": "linear", "version": version}).status_code == 200
+            )
+        old = server.processes()["worker-0"]
+        assert c.delete("/v1/models/linear/1").status_code == 200
+
+        def replaced() -> bool:
+            procs = server.processes()
+            if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
+                return False
+            listed = {(m["model_id"], m["version"]): m for m in c.get("/v1/models").json()["models"]}
+            return listed[("linear", "2")]["workers"] == [0]
+
+        server.wait_for(replaced, 60, "the recycled worker to come back with linear:2")
+        assert "recycling" in server.log()
+        assert "exit status 10" in server.log()  # exitcodes.RECYCLE, restarted as unexpected
+        x = np.ones((2, 3), dtype=np.float32)
+        r = c.post(
+            "/v1/infer", json={"model_id": "linear", "model_version": "2", "inputs": {"x": x.tolist()}}
+        )
+        assert r.status_code == 200, r.text
+        expected = ort_run(repository / "linear" / "2" / "model.onnx", {"x": x})
+        np.testing.assert_allclose([o["scores"] for o in r.json()["outputs"]], expected["scores"], rtol=1e-6)
+    finally:
+        server.stop()
+
+
+def test_a_worker_that_cannot_boot_is_not_restarted_in_a_loop(repository: Path) -> None:
+    """A bad device setting: each worker says why and exits with BOOT_ERROR (3), which
+    supervisord treats as expected, so it stays stopped instead of restarting in a loop."""
+    server = Server(repository, workers=2, MODEL_SERVER_GPUS="7")
+    try:
+        server.start(wait_ready=False)
+        server.wait_for(
+            lambda: server.log().count("exit status 3; expected") >= 2, 60, "both workers to stop"
+        )
+        log = server.log()
+        assert "GPU(s) [7] configured but 0 GPU(s) found" in log and "MODEL_SERVER_GPUS" in log
+        assert log.count("spawned: 'worker-0'") == 1  # not restarted
+        ready = server.client.get("/ready")
+        assert ready.status_code == 503 and "no worker is alive" in ready.json()["reasons"]
+        assert "RUNNING" in server.ctl("status", "coordinator") and "EXITED" in server.ctl(
+            "status", "worker:*"
+        )
+    finally:
+        server.stop()
