@@ -33,6 +33,9 @@ class Activity:
 
     def __init__(self) -> None:
         self.active = 0
+        # Set at the start of a drain: every response then closes its connection, so a client
+        # never sends its next request on a keep-alive connection the server is about to drop.
+        self.draining = False
 
 
 class RequestContextMiddleware:
@@ -74,7 +77,8 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                extra = [header, (b"connection", b"close")] if self.activity.draining else [header]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

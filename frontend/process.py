@@ -78,6 +78,7 @@ class DrainingServer(uvicorn.Server):
         if self.drain_started is None:
             return done
         service = getattr(self.app.state, "service", None)
+        self.app.state.activity.draining = True
         if service is not None and not service.draining:
             service.draining = True
             log.info(
