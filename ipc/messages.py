@@ -171,9 +171,6 @@ class Status:
     OUTPUT_REGION = 6  # a client output region is too small / missing
 
 
-InferWire = InferRequest | InferReply
-
-
 # ----------------------------------------------------------------------------
 # Worker <-> coordinator (control)
 # ----------------------------------------------------------------------------

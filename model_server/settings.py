@@ -137,9 +137,6 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(0.5, gt=0, description="Worker heartbeat period.")
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="Worker declared dead after this silence.")
-    worker_ready_timeout_s: float = Field(
-        120.0, gt=0, description="Longest a worker may take to boot and say hello."
-    )
 
     # --- HTTP edge ----------------------------------------------------------------
     cors_origins: Annotated[list[str], NoDecode] = Field(

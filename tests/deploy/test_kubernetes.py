@@ -344,7 +344,8 @@ def test_probes_hit_health_and_ready_on_the_container_port(
 def test_startup_probe_outlasts_boot_and_a_model_load(server: Doc, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from(env_of(server), monkeypatch)
     window = probe_window(server["startupProbe"])
-    assert window >= settings.worker_ready_timeout_s + settings.load_timeout_s
+    worker_boot_s = 120  # importing onnxruntime and binding sockets, generously
+    assert window >= worker_boot_s + settings.load_timeout_s
 
 
 def test_dev_shm_is_a_sized_memory_emptydir(pod: Doc, server: Doc, monkeypatch: pytest.MonkeyPatch) -> None:
