@@ -66,7 +66,7 @@ class Table:
             if entry.state != "ready":
                 continue
             best = self.latest.get(entry.model_id)
-            if best is None or _version_key(entry.version) > _version_key(best.version):
+            if best is None or version_key(entry.version) > version_key(best.version):
                 self.latest[entry.model_id] = entry
         self.workers = {w.index: w for w in snapshot.workers}
 
@@ -75,7 +75,7 @@ class Table:
         return self.snapshot.epoch if self.snapshot else -1
 
 
-def _version_key(version: str) -> tuple[Any, ...]:
+def version_key(version: str) -> tuple[Any, ...]:
     """Newest version first by number when versions are numeric, else by text."""
     parts: list[tuple[int, Any]] = []
     for part in version.replace("-", ".").split("."):

@@ -17,11 +17,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ipc import arena
-from ipc.messages import ModelEntry, ShmRegion, TensorRef
+from ipc.messages import ShmRegion, TensorRef
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
+from .coordinator_client import version_key
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
@@ -69,10 +70,6 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-async def _entry(service: Service, model: str, version: str | None, require_ready: bool = True) -> ModelEntry:
-    return await service.entry(model, version, require_ready=require_ready)
-
-
 def _versions(service: Service, model: str) -> list[str]:
     return sorted(v for (m, v), e in service.table.models.items() if m == model and e.state == "ready")
 
@@ -89,7 +86,7 @@ async def model_version_metadata(model: str, version: str, request: Request) -> 
 
 async def _metadata(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
-    entry = await _entry(service, model, version, require_ready=False)
+    entry = await service.entry(model, version, require_ready=False)
     schema = entry.schema
     return json_response(
         {
@@ -113,7 +110,7 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
-    entry = await _entry(service_of(request), model, version, require_ready=False)
+    entry = await service_of(request).entry(model, version, require_ready=False)
     ok = entry.state == "ready"
     body = {"name": entry.model_id, "version": entry.version, "ready": ok}
     return json_response(body, 200 if ok else 400)
@@ -140,7 +137,7 @@ TRITON_TYPES = {
 
 async def _config(request: Request, model: str, version: str | None) -> Response:
     """What Triton's config endpoint returns, so perf_analyzer and tritonclient tools work."""
-    entry = await _entry(service_of(request), model, version, require_ready=False)
+    entry = await service_of(request).entry(model, version, require_ready=False)
     schema = entry.schema
     batching = entry.config.batching
     max_batch = batching.max_batch_size if schema and schema.batched else 0
@@ -394,11 +391,9 @@ async def repository_load(model: str, request: Request) -> Response:
 
 async def _default_version(service: Service, model: str) -> str:
     """The newest version the repository index knows for ``model``, else "1"."""
-    from .coordinator_client import _version_key
-
     reply = await service.coordinator.index()
     versions = [i.version for i in reply.index if i.name == model]
-    return max(versions, key=_version_key) if versions else "1"
+    return max(versions, key=version_key) if versions else "1"
 
 
 @router.post("/repository/models/{model}/unload", summary="Unload a model", responses=V2_ERRORS)

@@ -109,7 +109,7 @@ class Engine:
         if policy is None:
             return self._run([job])
         try:
-            feeds = self._read_inputs(request, entry.value)
+            feeds = self._read_inputs(request)
         except (InputError, SegmentError) as exc:
             self.cache.release(entry)
             return [(peer, InferReply(request.seq, Status.BAD_INPUT, str(exc)))]
@@ -147,7 +147,7 @@ class Engine:
         return sum(len(q.pending) for q in self.queues.values())
 
     # --- execution ---------------------------------------------------------------------
-    def _read_inputs(self, request: InferRequest, model: LoadedModel) -> dict[str, Array]:
+    def _read_inputs(self, request: InferRequest) -> dict[str, Array]:
         feeds: dict[str, Array] = {}
         for ref in request.inputs:
             feeds[ref.name] = self._input_array(ref)
@@ -208,7 +208,7 @@ class Engine:
                 return out
             try:
                 if feeds_list is None:
-                    live_feeds = [self._read_inputs(job.request, model) for job in live]
+                    live_feeds = [self._read_inputs(job.request) for job in live]
                 feeds = merge(live_feeds)
                 started = time.monotonic_ns()
                 results = [to_tensor(r) for r in model.runner.run(feeds, first.output_names or None)]
