@@ -53,6 +53,9 @@ from .coordinator_client import Table
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
+# How long a request waits for a worker connection that is (re)establishing, and how often it looks.
+RECONNECT_WAIT_S = 1.0
+RECONNECT_POLL_S = 0.01
 # Room given to an output whose size the schema cannot tell (dynamic non-batch dims, strings).
 UNKNOWN_OUTPUT_BYTES = 64 * 1024
 
@@ -205,6 +208,11 @@ class Dispatcher:
         self.monitor: zmq.Socket[bytes] | None = None
         self.endpoints: dict[str, int] = {}
         self.connected: dict[int, bool] = {}
+        # Worker index -> pid of the live process the coordinator reports, and the pid that was
+        # live when our connection to that index last dropped: a worker is worth waiting for
+        # only when the coordinator reports a process we have not already lost.
+        self.live_pids: dict[int, int] = {}
+        self.lost_pids: dict[int, int] = {}
         self.inflight: dict[int, _Pending] = {}
         self.per_worker: dict[int, set[int]] = {}
         self._seq = itertools.count(1)
@@ -229,7 +237,8 @@ class Dispatcher:
         # a dead worker fails with EHOSTUNREACH instead of waiting for its restart.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock = sock
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        # Handshake done, not just connected: only then does the ROUTER know the worker's routing id.
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         for index in range(self._initial_workers):
             self._connect(index, endpoints.worker_endpoint(self.run_dir, index))
         # ZeroMQ's FD is edge-triggered: each wake-up drains everything queued.
@@ -264,6 +273,7 @@ class Dispatcher:
     def on_table(self, table: Table) -> None:
         for worker in table.workers.values():
             self._connect(worker.index, worker.endpoint)
+        self.live_pids = {w.index: w.pid for w in table.workers.values() if w.alive}
 
     # --- socket readers ---------------------------------------------------------------
     def _drain_replies(self) -> None:
@@ -304,10 +314,12 @@ class Dispatcher:
             index = self.endpoints.get(endpoint)
             if index is None:
                 continue
-            if event["event"] == zmq.EVENT_CONNECTED:
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected[index] = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected[index] = False
+                if index in self.live_pids:
+                    self.lost_pids[index] = self.live_pids[index]
                 self._fail_worker(index)
 
     def _fail_worker(self, index: int) -> None:
@@ -413,7 +425,7 @@ class Dispatcher:
                 client_outputs=client_outputs or [],
             )
             future: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
-            worker = self._send(workers, encode(request))
+            worker = await self._send_within(workers, encode(request), timeout_s)
             # From here until the reply (or the worker's death) the worker owns the slots.
             if body is not None and body.owned:
                 body.owned = False
@@ -464,6 +476,31 @@ class Dispatcher:
                     spill.unlink()
                     spill.close()
         return result
+
+    async def _send_within(self, workers: list[int], payload: bytes, timeout_s: float) -> int:
+        """Send, waiting briefly for a connection that is still being made.
+
+        The coordinator can list a worker (restarted, or just joined) before this
+        process's connection to it is up; ZeroMQ reconnects every 100 ms. When no
+        holder takes the message but one of them is such a worker, the request waits
+        for it, up to RECONNECT_WAIT_S and never past its own deadline. A worker whose
+        process we already lost is not waited for: that fails at once.
+        """
+        deadline = time.monotonic() + min(timeout_s, RECONNECT_WAIT_S)
+        while True:
+            try:
+                return self._send(workers, payload)
+            except DispatchError:
+                coming = [
+                    w
+                    for w in workers
+                    if not self.connected.get(w)
+                    and w in self.live_pids
+                    and self.lost_pids.get(w) != self.live_pids[w]
+                ]
+                if not coming or time.monotonic() + RECONNECT_POLL_S > deadline:
+                    raise
+            await asyncio.sleep(RECONNECT_POLL_S)
 
     def _send(self, workers: list[int], payload: bytes) -> int:
         assert self.sock is not None
