@@ -22,7 +22,7 @@ from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
-from .coordinator_client import version_key
+from .coordinator_client import CoordinatorClient, version_key
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
@@ -110,7 +110,11 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
-    entry = await service_of(request).entry(model, version, require_ready=False)
+    service = service_of(request)
+    # Asked right after an unload made through another frontend process, this process's
+    # snapshot may still say ready; readiness is a control-plane call, so ask the owner.
+    await service.coordinator.refresh()
+    entry = await service.entry(model, version, require_ready=False)
     ok = entry.state == "ready"
     body = {"name": entry.model_id, "version": entry.version, "ready": ok}
     return json_response(body, 200 if ok else 400)
@@ -200,8 +204,16 @@ def _decompress(headers: Mapping[str, str], body: bytes | memoryview, limit: int
     return out
 
 
-def _region(service: Service, name: str, offset: int, size: int, where: str) -> ShmRegion:
-    region = service.table.regions.get(name)
+async def resolve_region(
+    coordinator: CoordinatorClient, name: str, offset: int, size: int, where: str
+) -> ShmRegion:
+    """The registered region ``name`` that can hold ``size`` bytes at ``offset``, or a 400."""
+    region = coordinator.table.regions.get(name)
+    if region is None:
+        # Registered through another frontend process a moment ago, and this process's
+        # snapshot predates it: ask the coordinator (the owner of registrations) once.
+        await coordinator.refresh()
+        region = coordinator.table.regions.get(name)
     if region is None:
         raise ApiError(400, "bad_region", f"{where}: shared memory region '{name}' is not registered")
     if offset + size > region.byte_size:
@@ -262,7 +274,9 @@ async def _infer_tracked(
     for item in parsed.inputs:
         if item.region is not None:
             where = f"input '{item.name}'"
-            region = _region(service, item.region, item.region_offset, item.region_size, where)
+            region = await resolve_region(
+                service.coordinator, item.region, item.region_offset, item.region_size, where
+            )
             ref = TensorRef(
                 item.name,
                 item.datatype,
@@ -283,7 +297,9 @@ async def _infer_tracked(
     client_outputs: list[TensorRef] = []
     for out in parsed.outputs:
         if out.region is not None:
-            region = _region(service, out.region, out.region_offset, out.region_size, f"output '{out.name}'")
+            region = await resolve_region(
+                service.coordinator, out.region, out.region_offset, out.region_size, f"output '{out.name}'"
+            )
             client_outputs.append(
                 TensorRef(out.name, "", [], region.key, region.offset + out.region_offset, out.region_size)
             )

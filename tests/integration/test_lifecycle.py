@@ -60,7 +60,7 @@ def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(reposi
             if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
                 return False
             listed = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
-            return listed["linear"]["workers"] == [0] and listed["slow"]["workers"] == [0]
+            return bool(listed["linear"]["workers"] == [0] and listed["slow"]["workers"] == [0])
 
         server.wait_for(back, 60, "the restarted worker to hold its models")
         features = np.array([[0.5, 1.0, -2.0]], dtype=np.float32)
@@ -90,7 +90,7 @@ def test_ready_waits_for_start_up_models_and_shm_is_released(repository: Path, t
 
         def failed_listed() -> bool:
             models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
-            return models.get("absent", {}).get("state") == "failed"
+            return bool(models.get("absent", {}).get("state") == "failed")
 
         server.wait_for(failed_listed, 60, "the missing start-up model to fail")
         ready = c.get("/ready")
@@ -143,7 +143,7 @@ def test_worker_recycles_when_memory_stays_high_after_an_unload(repository: Path
             if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
                 return False
             listed = {(m["model_id"], m["version"]): m for m in c.get("/v1/models").json()["models"]}
-            return listed[("linear", "2")]["workers"] == [0]
+            return bool(listed[("linear", "2")]["workers"] == [0])
 
         server.wait_for(replaced, 60, "the recycled worker to come back with linear:2")
         assert "recycling" in server.log()

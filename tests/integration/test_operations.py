@@ -68,7 +68,7 @@ def test_three_workers_scale_down_and_up_with_supervisorctl(repository: Path, tm
 
         def without_1() -> bool:
             models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
-            return models["fraud_detection"]["workers"] == [0, 2]
+            return bool(models["fraud_detection"]["workers"] == [0, 2])
 
         server.wait_for(without_1, 20, "worker 1 to leave the table")
         before = rows_by_worker(server, "fraud_detection")
@@ -269,7 +269,7 @@ def test_ready_waits_for_warm_up_of_start_up_models(repository: Path, tmp_path: 
 
         def failed_once() -> bool:
             models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
-            return models.get(late, {}).get("state") == "failed"
+            return bool(models.get(late, {}).get("state") == "failed")
 
         server.wait_for(failed_once, 60, "the missing start-up model to fail")
         r = c.get("/ready")

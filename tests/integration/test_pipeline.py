@@ -51,7 +51,7 @@ def test_seed_examples_load_list_infer_unload(server: Server, repository: Path) 
     listed = {(m["model_id"], m["version"]): m for m in c.get("/v1/models").json()["models"]}
     assert listed[("linear", "1")]["state"] == "ready"
 
-    records = [
+    records: list[dict[str, float]] = [
         {"f0": 0.5, "f1": -1.0, "f2": 2.0},
         {"f0": 1.5, "f1": 0.0, "f2": -3.0},
         {"f0": 0, "f1": 1, "f2": 1},

@@ -113,7 +113,7 @@ def test_infer_json_binary_and_request_id(client: tc.InferenceServerClient, repo
 
 def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path) -> None:
     rng = np.random.default_rng(5)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "i8": rng.integers(-128, 127, size=(3, 2, 3)).astype(np.int8),
         "u8": rng.integers(0, 255, size=(3, 2, 3)).astype(np.uint8),
         "i16": rng.integers(-30000, 30000, size=(3, 2, 3)).astype(np.int16),
@@ -138,7 +138,7 @@ def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path
 
 
 def test_bytes_and_bool(client: tc.InferenceServerClient, repository: Path) -> None:
-    feeds = {
+    feeds: dict[str, np.ndarray] = {
         "count": np.array([[2], [5], [-1]], dtype=np.int64),
         "amount": np.array([[1.5], [0.5], [4.0]], dtype=np.float32),
         "flag": np.array([[True], [False], [True]]),
@@ -204,6 +204,34 @@ def test_shared_memory_inputs_and_outputs(
             client.infer("linear", [inp], outputs=[too_small])
     with pytest.raises(InferenceServerException, match="not registered"):
         client.infer("linear", [inp])
+
+
+def test_region_registered_through_one_frontend_is_usable_at_once_through_any(
+    repository: Path, v2server: Server
+) -> None:
+    """Each call opens its own connection, so SO_REUSEPORT spreads them over the frontends;
+    a region registered through one must serve the very next request through another."""
+    assert len([r for r in v2server.processes() if r.startswith("frontend")]) >= 2
+    url = f"127.0.0.1:{v2server.port}"
+    x = np.random.default_rng(4).normal(size=(2, 3)).astype(np.float32)
+    expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+    for attempt in range(12):
+        name = f"hop{attempt}"
+        key = f"/ms_test_{name}_{secrets.token_hex(3)}"
+        handle = shm.create_shared_memory_region(name, key, x.nbytes)
+        try:
+            shm.set_shared_memory_region(handle, [x])
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as registrar:
+                registrar.register_system_shared_memory(name, key, x.nbytes)
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as user:
+                inp = tc.InferInput("x", [2, 3], "FP32")
+                inp.set_shared_memory(name, x.nbytes)
+                result = user.infer("linear", [inp])
+            np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+        finally:
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as cleaner:
+                cleaner.unregister_system_shared_memory(name)
+            shm.destroy_shared_memory_region(handle)
 
 
 def test_errors_raise_with_the_servers_message(client: tc.InferenceServerClient) -> None:

@@ -120,7 +120,7 @@ def test_tagged_structs_are_arrays_led_by_their_tag() -> None:
     assert raw[:4] == ["reply", 9, m.Status.DEADLINE, "late"]
 
 
-def _all_decode(decoder: msgspec.msgpack.Decoder[Any], samples: list[Any]) -> None:
+def _all_decode(decoder: m.Decoder[Any], samples: list[Any]) -> None:
     for sample in samples:
         assert decoder.decode(m.encode(sample)) == sample
 
@@ -183,7 +183,7 @@ def test_decoders_reject_wrong_field_types() -> None:
         m.coordinator_inbound_decoder.decode(unknown_tag)
 
 
-DECODERS: list[msgspec.msgpack.Decoder[Any]] = [
+DECODERS: list[m.Decoder[Any]] = [
     m.infer_request_decoder,
     m.infer_reply_decoder,
     m.coordinator_inbound_decoder,
