@@ -390,7 +390,8 @@ class MlflowSource:
         if scheme == "s3":
             from .s3_source import fetch_s3
 
-            return fetch_s3(location, source_uri, self.settings, progress)
+            endpoint = self.settings.mlflow_s3_endpoint_url
+            return fetch_s3(location, source_uri, self.settings, progress, endpoint)
         if scheme == "mlflow-artifacts":
             return self._fetch_proxied(location, source_uri, progress)
         if scheme in {"http", "https"} and ARTIFACTS_API in location:

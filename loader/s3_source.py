@@ -8,8 +8,9 @@
 
 boto3 finds credentials, region and endpoint itself: the standard ``AWS_*``
 variables, profiles and roles, and ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``
-for S3-compatible stores (MinIO, Ceph, moto). Note that MLflow's
-``MLFLOW_S3_ENDPOINT_URL`` is not read here; set ``AWS_ENDPOINT_URL`` too.
+for S3-compatible stores (MinIO, Ceph, moto). For artifacts an MLflow registry
+points at, ``MLFLOW_S3_ENDPOINT_URL`` wins over them, as in MLflow itself (a
+MinIO setup often sets only that one).
 Every request has ``download_timeout_s`` as connect and read timeout and at most
 ``S3_MAX_ATTEMPTS`` attempts.
 
@@ -102,8 +103,11 @@ def _botocore_session() -> Any:
     return session
 
 
-def make_s3_client(settings: Settings) -> Any:
-    """A boto3 S3 client with bounded timeouts and retries (endpoint and credentials as boto3 finds them)."""
+def make_s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client with bounded timeouts and retries.
+
+    Credentials, and the endpoint unless ``endpoint_url`` is given, as boto3 finds them.
+    """
     import boto3
     from botocore.config import Config
 
@@ -113,7 +117,7 @@ def make_s3_client(settings: Settings) -> Any:
         read_timeout=settings.download_timeout_s,
         retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
     )
-    client = session.client("s3", config=config)
+    client = session.client("s3", config=config, endpoint_url=endpoint_url or None)
     try:
         credentials = session.get_credentials()
         if credentials is not None:
@@ -268,9 +272,15 @@ def s3_target(client: Any, uri: str, timeout_s: float) -> Target:
     return Target(remote=directory, files=files)
 
 
-def fetch_s3(uri: str, source_uri: str, settings: Settings, progress: ProgressCallback) -> Artifact:
+def fetch_s3(
+    uri: str,
+    source_uri: str,
+    settings: Settings,
+    progress: ProgressCallback,
+    endpoint_url: str | None = None,
+) -> Artifact:
     """Load the model at an ``s3://`` location (also used for MLflow artifacts kept in S3)."""
-    client = make_s3_client(settings)
+    client = make_s3_client(settings, endpoint_url)
     target = s3_target(client, uri, settings.download_timeout_s)
     return fetch_target(target, source_uri, progress, settings.cache_dir, settings.cache_max_bytes)
 

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MODEL_SERVER_MLFLOW_TRACKING_URI"),
         description="MLflow tracking server URI; used for `models:/` and `runs:/` URIs.",
     )
+    mlflow_s3_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_S3_ENDPOINT_URL", "MODEL_SERVER_MLFLOW_S3_ENDPOINT_URL"),
+        description="S3 endpoint for artifacts an MLflow registry keeps in `s3://` (MinIO and other "
+        "S3-compatible stores), as MLflow reads it; other S3 URIs use boto3's `AWS_ENDPOINT_URL`.",
+    )
     aws_s3_bucket: str | None = Field(
         None,
         validation_alias=AliasChoices("AWS_S3_BUCKET", "MODEL_SERVER_AWS_S3_BUCKET"),

@@ -32,8 +32,8 @@ def s3_gets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = s3_source.make_s3_client
 
-    def counting(settings: Any) -> Any:
-        client = real(settings)
+    def counting(settings: Any, endpoint_url: str | None = None) -> Any:
+        client = real(settings, endpoint_url)
         client.meta.events.register(
             "before-parameter-build.s3.GetObject", lambda params, **_: calls.append(params["Key"])
         )

@@ -9,7 +9,8 @@ import pytest
 
 import loader
 from loader.artifact import Progress
-from loader.errors import InvalidModel, InvalidUri, ModelNotFound, UnsupportedSource
+from loader.errors import InvalidModel, InvalidUri, ModelNotFound, SourceUnavailable, UnsupportedSource
+from tests.services import closed_port_url
 
 from .builders import FEATURES, BuiltModel, assert_same_outputs
 from .conftest import MIXED_SIGNATURE, S3_BUCKET, SettingsFactory, World
@@ -53,6 +54,26 @@ def test_registered_model_uris(
     assert artifact.feature_names == FEATURES
     assert schema.feature_names == FEATURES
     assert schema.feature_types == FP32_RECORD
+
+
+def test_mlflow_s3_endpoint_url_alone_reaches_the_registrys_artifacts(
+    world: World, aws_env: object, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MinIO-style MLflow setup sets only MLFLOW_S3_ENDPOINT_URL, as MLflow itself reads it."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", world.moto.endpoint)
+    settings = make_settings(mlflow_tracking_uri=world.tracking_uri)
+    assert settings.mlflow_s3_endpoint_url == world.moto.endpoint
+    artifact, _ = load("models:/fraud/2", settings)
+    check(artifact, world.fraud_v2, settings.cache_dir)
+    assert artifact.downloaded
+    # Without it, boto3 goes to AWS itself, which is unreachable from here: no silent fallback.
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed_port_url())
+    settings = make_settings(mlflow_tracking_uri=world.tracking_uri, download_timeout_s=2.0)
+    assert settings.mlflow_s3_endpoint_url is None
+    with pytest.raises(SourceUnavailable, match="unreachable"):
+        load("models:/fraud/1", settings)
 
 
 def test_logged_model_id(world: World, aws_env: object, make_settings: SettingsFactory) -> None:
