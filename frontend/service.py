@@ -96,21 +96,26 @@ class Service:
         finally:
             self.inflight -= 1
             model = tracker.model or "unknown"
-            key = (model, tracker.version, protocol, status)
+            version = tracker.version
+            key = (model, version, protocol, status)
             series = self._series.get(key)
             if series is None:
                 # Label lookups cost more than the updates: keep the children per label set.
                 series = self._series[key] = (
-                    metrics.REQUESTS.labels(model, tracker.version, protocol, str(status)),
-                    metrics.REQUEST_DURATION.labels(model, protocol),
-                    metrics.QUEUE_DURATION.labels(model),
-                    metrics.COMPUTE_DURATION.labels(model),
+                    metrics.REQUESTS.labels(model, version, protocol, str(status)),
+                    metrics.REQUEST_DURATION.labels(
+                        model, version, protocol, "success" if status == 200 else "fail"
+                    ),
+                    metrics.QUEUE_DURATION.labels(model, version),
+                    metrics.COMPUTE_DURATION.labels(model, version),
+                    metrics.LAST_INFERENCE.labels(model, version),
                 )
             series[0].inc()
             series[1].observe(time.perf_counter() - started)
             if tracker.result is not None:
                 series[2].observe(tracker.result.queue_us / 1e6)
                 series[3].observe(tracker.result.compute_us / 1e6)
+                series[4].set(time.time() * 1000)
 
     # --- models ----------------------------------------------------------------------
     def _lookup(self, model_id: str, version: str | None) -> ModelEntry | None:

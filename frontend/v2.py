@@ -7,8 +7,8 @@ Extensions: binary tensor data, model repository, and (when
 
 from __future__ import annotations
 
+import asyncio
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +22,8 @@ from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
+from . import stats
+from .compression import decompress_request
 from .coordinator_client import CoordinatorClient, version_key
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
@@ -43,7 +45,7 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def extensions(service: Service) -> list[str]:
-    names = ["binary_tensor_data", "model_repository"]
+    names = ["binary_tensor_data", "model_repository", "statistics"]
     if service.settings.allow_client_shm:
         names.append("system_shared_memory")
     return names
@@ -72,6 +74,39 @@ async def server_metadata(request: Request) -> Response:
 
 def _versions(service: Service, model: str) -> list[str]:
     return sorted(v for (m, v), e in service.table.models.items() if m == model and e.state == "ready")
+
+
+# --- statistics extension (registered before /models/{model}, which would take "stats") ---
+
+
+@router.get("/models/stats", summary="Statistics of every loaded model")
+async def all_model_stats(request: Request) -> Response:
+    service = service_of(request)
+    await service.coordinator.refresh()
+    keys = sorted(k for k, e in service.table.models.items() if e.state == "ready")
+    return json_response(await asyncio.to_thread(stats.model_stats, keys))
+
+
+@router.get("/models/{model}/stats", summary="Statistics of every version of a model", responses=V2_ERRORS)
+async def model_stats(model: str, request: Request) -> Response:
+    return await _stats(request, model, None)
+
+
+@router.get(
+    "/models/{model}/versions/{version}/stats", summary="Statistics of a model version", responses=V2_ERRORS
+)
+async def model_version_stats(model: str, version: str, request: Request) -> Response:
+    return await _stats(request, model, version)
+
+
+async def _stats(request: Request, model: str, version: str | None) -> Response:
+    service = service_of(request)
+    await service.coordinator.refresh()
+    entry = await service.entry(model, version, require_ready=False)
+    versions = [version] if version is not None else _versions(service, model) or [entry.version]
+    keys = [(entry.model_id, v) for v in versions]
+    # Reading every process's metric files is blocking I/O: kept off the event loop.
+    return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
 @router.get("/models/{model}", summary="Model metadata", responses=V2_ERRORS)
@@ -187,23 +222,6 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
 
 
-def _decompress(headers: Mapping[str, str], body: bytes | memoryview, limit: int) -> bytes | memoryview:
-    encoding = headers.get("content-encoding", "").lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise ApiError(400, "bad_encoding", f"unsupported Content-Encoding {encoding!r}")
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ApiError(400, "bad_encoding", f"cannot decompress the {encoding} body: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise ApiError(413, "payload_too_large", f"decompressed body exceeds {limit} bytes")
-    return out
-
-
 async def resolve_region(
     coordinator: CoordinatorClient, name: str, offset: int, size: int, where: str
 ) -> ShmRegion:
@@ -262,7 +280,7 @@ async def _infer_tracked(
             raise ApiError(
                 400, "bad_header", f"Inference-Header-Content-Length {raw_length!r} is not a number"
             ) from None
-    body = _decompress(headers, raw_body, service.settings.max_request_bytes)
+    body = decompress_request(headers, raw_body, service.settings.max_request_bytes)
     entry = await service.entry(model, version)
     assert entry.schema is not None
     tracker.model, tracker.version = entry.model_id, entry.version

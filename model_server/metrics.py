@@ -12,10 +12,11 @@ frontend's copy of the coordinator's table at scrape time instead
 name                                               kind       labels
 =================================================  =========  ================================
 model_server_requests_total                        counter    model, version, protocol, status
-model_server_request_duration_seconds              histogram  model, protocol
-model_server_queue_duration_seconds                histogram  model
-model_server_compute_duration_seconds              histogram  model
-model_server_batch_size_rows                       histogram  model, worker (rows per ONNX Runtime call)
+model_server_request_duration_seconds              histogram  model, version, protocol, outcome
+model_server_queue_duration_seconds                histogram  model, version
+model_server_compute_duration_seconds              histogram  model, version
+model_server_batch_size_rows                       histogram  model, version, worker (rows per ORT call)
+model_server_last_inference_timestamp_ms           gauge      model, version (max over frontends)
 model_server_inflight_requests                     gauge      (sum over frontends)
 model_server_queued_requests                       gauge      (sum over workers' batch queues)
 model_server_shm_bytes_in_use                      gauge      (sum over frontend arenas)
@@ -54,27 +55,33 @@ REQUESTS = Counter(
 )
 REQUEST_DURATION = Histogram(
     "model_server_request_duration_seconds",
-    "Time from request received to response ready, in the frontend.",
-    ["model", "protocol"],
+    "Time from request received to response ready, in the frontend (outcome: success or fail).",
+    ["model", "version", "protocol", "outcome"],
     buckets=LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(
     "model_server_queue_duration_seconds",
     "Time a request waited in the worker before its ONNX Runtime call (batching included).",
-    ["model"],
+    ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 COMPUTE_DURATION = Histogram(
     "model_server_compute_duration_seconds",
     "Duration of the ONNX Runtime call that served a request.",
-    ["model"],
+    ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_ROWS = Histogram(
     "model_server_batch_size_rows",
     "Rows per ONNX Runtime call, as executed, by worker.",
-    ["model", "worker"],
+    ["model", "version", "worker"],
     buckets=BATCH_BUCKETS,
+)
+LAST_INFERENCE = Gauge(
+    "model_server_last_inference_timestamp_ms",
+    "When the model last answered a request, in milliseconds since the epoch.",
+    ["model", "version"],
+    multiprocess_mode="max",
 )
 INFLIGHT = Gauge(
     "model_server_inflight_requests",
@@ -170,8 +177,8 @@ class TableCollector(Collector):
         yield from (states, memory, holders, up, restarts, rss, evictions)
 
 
-def exposition(snapshot: Callable[[], Any]) -> bytes:
-    """The /metrics body: every process's values plus the table's."""
+def process_registry() -> CollectorRegistry:
+    """Every process's values (multiprocess mode), or this process's own when run in-process."""
     registry = CollectorRegistry()
     directory = multiprocess_dir()
     if directory is not None and directory.is_dir():
@@ -184,5 +191,11 @@ def exposition(snapshot: Callable[[], Any]) -> bytes:
         for collector in list(REGISTRY._collector_to_names):
             with contextlib.suppress(ValueError):
                 registry.register(collector)
+    return registry
+
+
+def exposition(snapshot: Callable[[], Any]) -> bytes:
+    """The /metrics body: every process's values plus the table's."""
+    registry = process_registry()
     registry.register(TableCollector(snapshot))
     return generate_latest(registry)

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma list of allowed CORS origins (`*` for any; empty: CORS off)."
     )
+    response_compression: bool = Field(
+        True,
+        description="Compress inference responses of 1 KiB or more with gzip or deflate when the client's "
+        "`Accept-Encoding` asks, as Triton does. Off where a proxy compresses, or for same-host clients "
+        "whose HTTP library asks by default (httpx, requests) and would rather save the CPU.",
+    )
     allow_client_shm: bool = Field(
         False, description="Allow clients to register system shared-memory regions (V2 extension)."
     )

@@ -241,7 +241,7 @@ class Engine:
                     model.policy = None
                     return out + self._run_each(live, live_feeds)
             total_rows = sum(r for r in rows if r > 0)
-            metrics.BATCH_ROWS.labels(first.model_id, self.worker_label).observe(total_rows)
+            metrics.BATCH_ROWS.labels(first.model_id, first.version, self.worker_label).observe(total_rows)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "ran %s:%s: %d request(s), %d row(s), %d us",

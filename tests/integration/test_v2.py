@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import secrets
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +57,12 @@ def test_health_and_metadata(client: tc.InferenceServerClient, v2server: Server)
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "model-server"
-    assert set(meta["extensions"]) == {"binary_tensor_data", "model_repository", "system_shared_memory"}
+    assert set(meta["extensions"]) == {
+        "binary_tensor_data",
+        "model_repository",
+        "statistics",
+        "system_shared_memory",
+    }
     model = client.get_model_metadata("linear", "1")
     assert model["platform"] == "onnxruntime_onnx"
     assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
@@ -109,6 +117,60 @@ def test_infer_json_binary_and_request_id(client: tc.InferenceServerClient, repo
     # Compressed request body.
     result = client.infer("linear", [_input("x", x)], model_version="1", request_compression_algorithm="gzip")
     np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_responses(
+    client: tc.InferenceServerClient, repository: Path, v2server: Server, algorithm: str
+) -> None:
+    """tritonclient's request_/response_compression_algorithm, and plain HTTP content negotiation."""
+    x = np.random.default_rng(8).normal(size=(300, 3)).astype(np.float32)
+    expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+    for binary in (True, False):
+        outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("scores", "label")]
+        result = client.infer(
+            "linear",
+            [_input("x", x, binary=binary)],
+            outputs=outs,
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+        np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "shape": [300, 3], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    )
+    # httpx asks for gzip and deflate by default: say identity to get the body as it is.
+    plain = _post(v2server, body, {"content-type": "application/json", "accept-encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    packed = _post(v2server, body, {"content-type": "application/json", "accept-encoding": algorithm})
+    assert packed.headers["content-encoding"] == algorithm
+    assert int(packed.headers["content-length"]) < len(plain.content) / 2
+    assert packed.json() == plain.json()  # httpx inflates it
+    # A client that refuses both (q=0) gets the body as it is.
+    refused = _post(v2server, body, {"accept-encoding": f"{algorithm};q=0, br"})
+    assert "content-encoding" not in refused.headers and refused.json() == plain.json()
+    # The seed's /v1 path negotiates the same way (curl --compressed).
+    records = [{"f0": float(a), "f1": float(b), "f2": float(c)} for a, b, c in x[:100]]
+    v1 = v2server.client.post(
+        "/v1/infer",
+        json={"model_id": "linear", "model_version": "1", "inputs": records},
+        headers={"accept-encoding": f"br, {algorithm}"},
+    )
+    assert v1.status_code == 200 and v1.headers["content-encoding"] == algorithm
+    # ...and takes a compressed request body.
+    payload = orjson.dumps({"model_id": "linear", "model_version": "1", "inputs": records})
+    packed_body = gzip.compress(payload) if algorithm == "gzip" else zlib.compress(payload)
+    again = v2server.client.post(
+        "/v1/infer",
+        content=packed_body,
+        headers={"content-type": "application/json", "content-encoding": algorithm},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["outputs"] == v1.json()["outputs"]
+    np.testing.assert_allclose(
+        [o["scores"] for o in v1.json()["outputs"]], expected["scores"][:100], rtol=1e-6
+    )
 
 
 def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path) -> None:
@@ -232,6 +294,44 @@ def test_region_registered_through_one_frontend_is_usable_at_once_through_any(
             with contextlib.closing(tc.InferenceServerClient(url=url)) as cleaner:
                 cleaner.unregister_system_shared_memory(name)
             shm.destroy_shared_memory_region(handle)
+
+
+def test_statistics_extension_counts_every_frontend_and_worker(
+    client: tc.InferenceServerClient, repository: Path, v2server: Server
+) -> None:
+    """tritonclient's get_inference_statistics: the server-wide sums, per model version."""
+    started_ms = time.time() * 1000
+    before = client.get_inference_statistics("linear", "1")["model_stats"][0]
+    x = np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32)
+    expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
+    for _ in range(5):
+        # A fresh connection each time, so both frontend processes take some.
+        with contextlib.closing(tc.InferenceServerClient(url=f"127.0.0.1:{v2server.port}")) as other:
+            result = other.infer("linear", [_input("x", x)])
+        np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+    with pytest.raises(InferenceServerException):
+        client.infer("linear", [_input("x", np.ones((2, 4), dtype=np.float32))])
+    after = client.get_inference_statistics("linear", "1")["model_stats"][0]
+    assert (after["name"], after["version"]) == ("linear", "1")
+
+    def delta(phase: str, field: str) -> int:
+        return int(after["inference_stats"][phase][field]) - int(before["inference_stats"][phase][field])
+
+    assert delta("success", "count") == 5 and delta("success", "ns") > 0
+    assert delta("fail", "count") == 1
+    assert delta("queue", "count") == 5 and delta("compute_infer", "count") == 5
+    assert delta("compute_infer", "ns") > 0
+    assert int(after["inference_count"]) - int(before["inference_count"]) == 5 * 4
+    assert int(after["execution_count"]) - int(before["execution_count"]) == 5
+    assert int(after["last_inference"]) >= started_ms
+    # Every loaded model, and the same entry through the unversioned path.
+    everything = {(m["name"], m["version"]) for m in client.get_inference_statistics()["model_stats"]}
+    assert {("linear", "1"), ("multi", "1"), ("types", "1")} <= everything
+    unversioned = client.get_inference_statistics("linear")["model_stats"]
+    assert [m["version"] for m in unversioned] == ["1"]
+    assert unversioned[0]["inference_count"] == after["inference_count"]
+    with pytest.raises(InferenceServerException, match="not loaded"):
+        client.get_inference_statistics("no_such_model")
 
 
 def test_errors_raise_with_the_servers_message(client: tc.InferenceServerClient) -> None:
