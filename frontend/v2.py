@@ -16,13 +16,14 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ipc import arena
+from ipc import arena, datatypes
 from ipc.messages import ShmRegion, TensorRef
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
 from . import stats
+from .classification import ClassificationError, top_k
 from .compression import decompress_request
 from .coordinator_client import CoordinatorClient, version_key
 from .dispatcher import BodyLease, InputTensor
@@ -45,7 +46,7 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def extensions(service: Service) -> list[str]:
-    names = ["binary_tensor_data", "model_repository", "statistics"]
+    names = ["binary_tensor_data", "classification", "model_repository", "statistics"]
     if service.settings.allow_client_shm:
         names.append("system_shared_memory")
     return names
@@ -222,6 +223,13 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
 
 
+def _classify(name: str, array: Any, k: int) -> Any:
+    try:
+        return top_k(array, k)
+    except ClassificationError as exc:
+        raise ApiError(400, "bad_request", f"output '{name}': {exc}") from None
+
+
 async def resolve_region(
     coordinator: CoordinatorClient, name: str, offset: int, size: int, where: str
 ) -> ShmRegion:
@@ -333,7 +341,16 @@ async def _infer_tracked(
         for tensor in result.outputs:
             spec = requested.get(tensor.name)
             entry_out = output_entry(tensor.name, tensor.datatype, tensor.shape)
-            if spec is not None and spec.region is not None:
+            if spec is not None and spec.classification:
+                classes = _classify(tensor.name, tensor.array(), spec.classification)
+                entry_out = output_entry(tensor.name, "BYTES", list(classes.shape))
+                if spec.binary:
+                    packed = datatypes.serialize_bytes(classes)
+                    entry_out["parameters"] = {"binary_data_size": len(packed)}
+                    binary.append(memoryview(packed))
+                else:
+                    entry_out["data"] = json_data(classes, "BYTES")
+            elif spec is not None and spec.region is not None:
                 entry_out["parameters"] = {
                     "shared_memory_region": spec.region,
                     "shared_memory_byte_size": tensor.nbytes,

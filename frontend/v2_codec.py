@@ -51,6 +51,7 @@ class ParsedInput:
 class ParsedOutput:
     name: str
     binary: bool
+    classification: int = 0  # top k classes instead of the tensor (classification extension)
     region: str | None = None
     region_offset: int = 0
     region_size: int = 0
@@ -256,9 +257,15 @@ def parse_request(
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ProtocolError(f"output '{name}': 'parameters' must be an object")
-        if "classification" in params:
-            raise ProtocolError("the classification extension is not supported", 501)
         out = ParsedOutput(name, bool(params.get("binary_data", binary_default)))
+        if "classification" in params:
+            out.classification = _int_param(params, "classification", f"output '{name}'")
+            if out.classification < 1:
+                raise ProtocolError(f"output '{name}': parameters.classification must be at least 1")
+            if "shared_memory_region" in params:
+                raise ProtocolError(
+                    f"output '{name}': classification results are not written to shared memory"
+                )
         if "shared_memory_region" in params:
             if not shm_enabled:
                 raise ProtocolError("system shared memory is disabled (MODEL_SERVER_ALLOW_CLIENT_SHM)", 501)

@@ -59,6 +59,7 @@ def test_health_and_metadata(client: tc.InferenceServerClient, v2server: Server)
     assert meta["name"] == "model-server"
     assert set(meta["extensions"]) == {
         "binary_tensor_data",
+        "classification",
         "model_repository",
         "statistics",
         "system_shared_memory",
@@ -171,6 +172,45 @@ def test_compressed_requests_and_responses(
     np.testing.assert_allclose(
         [o["scores"] for o in v1.json()["outputs"]], expected["scores"][:100], rtol=1e-6
     )
+
+
+def _text(cell: object) -> str:
+    # tritonclient gives BYTES as bytes from binary outputs and as str from JSON ones.
+    return cell.decode() if isinstance(cell, bytes) else str(cell)
+
+
+def test_classification_extension(client: tc.InferenceServerClient, repository: Path) -> None:
+    """tritonclient's class_count: the top classes of each row as "value:index" strings."""
+    x = np.random.default_rng(6).normal(size=(5, 3)).astype(np.float32)
+    scores = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})["scores"]
+    for binary in (True, False):
+        top = tc.InferRequestedOutput("scores", binary_data=binary, class_count=1)
+        result = client.infer("linear", [_input("x", x)], outputs=[top])
+        got = result.as_numpy("scores")
+        assert got.shape == (5, 1)
+        for row, (cell,) in zip(scores, got, strict=True):
+            value, index = _text(cell).split(":")
+            assert int(index) == int(np.argmax(row))
+            assert float(value) == pytest.approx(float(row.max()), abs=1e-6)
+    # More classes than the output has: all of them, best first.
+    every = tc.InferRequestedOutput("scores", class_count=9)
+    ranked = client.infer("linear", [_input("x", x)], outputs=[every]).as_numpy("scores")
+    assert ranked.shape == (5, 2)
+    assert [[int(_text(c).split(":")[1]) for c in row] for row in ranked] == np.argsort(
+        -scores, axis=1
+    ).tolist()
+    with pytest.raises(InferenceServerException, match="needs a numeric output") as exc:
+        client.infer(
+            "multi",
+            [
+                _input("count", np.array([[1]], dtype=np.int64)),
+                _input("amount", np.array([[1.0]], dtype=np.float32)),
+                _input("flag", np.array([[True]])),
+                _input("tag", np.array([[b"a"]], dtype=object)),
+            ],
+            outputs=[tc.InferRequestedOutput("tag_out", class_count=1)],
+        )
+    assert exc.value.status() == "400"
 
 
 def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path) -> None:
