@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe V2) routes, as Triton, MLServer and KServe serve them.
 
 Same coordinator and workers as ``/v1``; errors are ``{"error": "<message>"}``.
-Extensions: binary tensor data, model repository, and (when
+Extensions: binary tensor data, classification (``frontend/classification.py``),
+model repository, statistics (``frontend/stats.py``), and (when
 ``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory.
 """
 
