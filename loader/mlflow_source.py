@@ -26,7 +26,9 @@ which resolves MLflow's own credentials (``MLFLOW_TRACKING_TOKEN``,
 ``MlflowClient`` is not used because its timeout and retries come only from
 process-wide environment variables (by default 120 s and 7 retries with
 exponential backoff: minutes before an unreachable registry is reported).
-Only http(s) tracking URIs are supported.
+A tracking URI that is not http(s) (``sqlite:``, ``postgresql:``, ``file:``...) is
+read through ``MlflowClient`` instead (``loader.mlflow_store``), with the same
+resolution logic.
 
 Errors: unknown model, version, alias, stage or run -> 404 with the registry's
 message; 401/403 -> 403; server unreachable -> 502; no answer in time -> 504;
@@ -57,6 +59,7 @@ from .errors import (
     UnsupportedSource,
 )
 from .local import LocalSource
+from .mlflow_store import MlflowStore
 from .mlmodel import MLMODEL, parse_mlmodel
 from .progress import DownloadMeter
 from .redact import redact, register_secret
@@ -280,22 +283,21 @@ class MlflowSource:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tracking_uri = settings.mlflow_tracking_uri
-        self._registry: MlflowHttp | None = None
+        self._registry: MlflowHttp | MlflowStore | None = None
 
     # --- the registry -----------------------------------------------------------------
     @property
-    def registry(self) -> MlflowHttp:
+    def registry(self) -> MlflowHttp | MlflowStore:
         if self._registry is None:
             uri = self.tracking_uri
             if not uri:
                 raise UnsupportedSource(
                     "models:/ and runs:/ URIs need MLFLOW_TRACKING_URI (the MLflow tracking server)"
                 )
-            if scheme_of(uri) not in {"http", "https"}:
-                raise UnsupportedSource(
-                    f"MLFLOW_TRACKING_URI must be an http(s) MLflow tracking server, not {redact(uri)!r}"
-                )
-            self._registry = MlflowHttp(uri, self.settings.download_timeout_s)
+            if scheme_of(uri) in {"http", "https"}:
+                self._registry = MlflowHttp(uri, self.settings.download_timeout_s)
+            else:
+                self._registry = MlflowStore(uri)
         return self._registry
 
     def _version(self, kind: str, name: str, ref: str) -> dict[str, Any]:
@@ -428,13 +430,15 @@ class MlflowSource:
         if parsed.netloc:
             scheme = tracking.scheme if tracking.scheme in {"http", "https"} else "http"
             base = f"{scheme}://{parsed.netloc}{tracking.path.rstrip('/')}"
-        elif self.tracking_uri:
+        elif self.tracking_uri and scheme_of(self.tracking_uri) in {"http", "https"}:
             base = self.registry.host
         else:
             raise UnsupportedSource(
-                "mlflow-artifacts:/ URIs need MLFLOW_TRACKING_URI (the MLflow server that proxies them)"
+                "mlflow-artifacts:/ URIs need an http(s) MLFLOW_TRACKING_URI "
+                "(the MLflow server that proxies them)"
             )
-        http = self.registry if self._registry is not None and base == self._registry.host else None
+        known = self._registry
+        http = known if isinstance(known, MlflowHttp) and base == known.host else None
         return ProxiedDir(http or MlflowHttp(base, self.settings.download_timeout_s), parsed.path)
 
     def _fetch_proxied(self, location: str, source_uri: str, progress: ProgressCallback) -> Artifact:

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MODEL_SERVER_MLFLOW_TRACKING_URI"),
-        description="MLflow tracking server URI; used for `models:/` and `runs:/` URIs.",
+        description="MLflow tracking URI for `models:/` and `runs:/` URIs: an http(s) tracking server, "
+        "or a store MLflow's client reads directly "
+        "(`sqlite:///mlflow.db`, `postgresql://…`, `file:./mlruns`).",
     )
     mlflow_s3_endpoint_url: str | None = Field(
         None,
