@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -385,6 +386,10 @@ def write_markdown(results: dict[str, Any], json_path: Path | None, target: Path
     return section
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -401,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         print(loadgen.INSTALL_HINT, file=sys.stderr)
         return 2
     run = Run(args)
+    # A command-line tool, not a server role: SIGTERM (timeout, CI) takes the Ctrl-C path,
+    # so the peers it started are stopped and what was measured is saved.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = run.execute()
     except KeyboardInterrupt:
