@@ -6,8 +6,8 @@ MLServer's documented way to serve a framework it has no runtime for: subclass
 benchmark's MLServer virtualenv (``.venv-bench``), which puts the repository root on
 ``PYTHONPATH`` so ``model-settings.json`` can name ``bench.mlserver_runtime.OnnxRuntimeModel``.
 
-Session options match this server's workers in the benchmark: CPU provider, one
-intra-op and one inter-op thread, sequential execution, full graph optimisation.
+Session options are ``bench.ort_options``'s, as for raw onnxruntime and this server's
+workers in the benchmark.
 """
 
 from __future__ import annotations
@@ -23,14 +23,7 @@ from mlserver.types import (  # type: ignore[import-not-found, unused-ignore]
 )
 from mlserver.utils import get_model_uri  # type: ignore[import-not-found, unused-ignore]
 
-
-def session_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
+from bench.ort_options import session_options
 
 
 class OnnxRuntimeModel(MLModel):  # type: ignore[misc, unused-ignore]

@@ -18,18 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.models import REFERENCE_MODELS, sample_input
+from bench.ort_options import session_options
 from bench.stats import rep_from_latencies
-
-
-def session_options() -> object:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
 
 
 def measure(

@@ -61,8 +61,8 @@ class ModelStats:
         }
 
 
-# histogram name -> the statistics phase its _count and _sum feed
-_DURATIONS = {
+# histogram -> the statistics phase its _count and _sum feed (request duration: its outcome label)
+_PHASES = {
     "model_server_queue_duration_seconds": "queue",
     "model_server_compute_duration_seconds": "compute_infer",
 }
@@ -77,23 +77,21 @@ def collect() -> dict[Key, ModelStats]:
             if "model" not in labels or "version" not in labels:
                 continue
             stats = found[(labels["model"], labels["version"])]
-            name, value = sample.name, sample.value
-            if name.startswith("model_server_request_duration_seconds"):
+            suffix = sample.name.removeprefix(family.name)  # "_count", "_sum", "_bucket" or ""
+            if family.name == "model_server_request_duration_seconds":
                 phase = labels.get("outcome", "")
-                base = "model_server_request_duration_seconds"
             else:
-                base = name.removesuffix("_count").removesuffix("_sum")
-                phase = _DURATIONS.get(base, "")
-            if phase and name == base + "_count":
-                stats.counts[phase] += value
-            elif phase and name == base + "_sum":
-                stats.ns[phase] += value * NS
-            elif name == "model_server_batch_size_rows_count":
-                stats.executions += value
-            elif name == "model_server_batch_size_rows_sum":
-                stats.rows += value
-            elif name == "model_server_last_inference_timestamp_ms":
-                stats.last_ms = max(stats.last_ms, value)
+                phase = _PHASES.get(family.name, "")
+            if phase and suffix == "_count":
+                stats.counts[phase] += sample.value
+            elif phase and suffix == "_sum":
+                stats.ns[phase] += sample.value * NS
+            elif family.name == "model_server_batch_size_rows" and suffix == "_count":
+                stats.executions += sample.value
+            elif family.name == "model_server_batch_size_rows" and suffix == "_sum":
+                stats.rows += sample.value
+            elif family.name == "model_server_last_inference_timestamp_ms":
+                stats.last_ms = max(stats.last_ms, sample.value)
     return found
 
 
