@@ -14,7 +14,7 @@ from ipc.arena import pid_alive
 from model_server import __version__, metrics
 from model_server.settings import Settings, get_settings
 
-from . import errors, v1, v2
+from . import auth, errors, v1, v2
 from .fastpath import InferenceFastPath
 from .middleware import Activity, RequestContextMiddleware
 from .service import Service
@@ -61,12 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.state.activity = Activity()
+    app.state.auth = auth.AuthPolicy(settings)  # reads the token files; a bad token fails here
+    auth.install_openapi(app, app.state.auth)
     return app
 
 
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
-    """What uvicorn serves: request context, CORS, the inference fast path, then FastAPI."""
-    inner: ASGIApp = InferenceFastPath(app, app.state)
+    """What uvicorn serves: request context, CORS, access control, the inference fast path, then FastAPI.
+
+    Access control sits inside CORS so that a browser's preflight (which carries no token)
+    is answered, and a 401 still carries the CORS headers the browser needs to read it.
+    """
+    inner: ASGIApp = auth.AuthMiddleware(InferenceFastPath(app, app.state), app.state.auth)
     if settings.cors_origins:
         inner = CORSMiddleware(
             inner,

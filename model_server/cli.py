@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, exitcodes
 from .settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host:
         os.environ["MODEL_SERVER_HOST"] = args.host
     settings = Settings()
+    from frontend.auth import TokenConfigError, load_tokens
+
+    try:
+        load_tokens(settings)  # fail here, once, rather than in every frontend process
+    except TokenConfigError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return exitcodes.BOOT_ERROR
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         from . import demo

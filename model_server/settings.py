@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -163,7 +163,35 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish before workers stop."
     )
 
-    @field_validator("cors_origins", mode="before")
+    # --- access control (frontend/auth.py; README "Security") -------------------------
+    admin_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma list of bearer tokens for the admin routes (model load/unload, client "
+        "shared-memory register/unregister); they pass inference checks too. Never logged.",
+    )
+    inference_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma list of bearer tokens for inference, metadata, model lists and statistics "
+        "(empty: those routes are open). Never logged.",
+    )
+    admin_tokens_file: Path | None = Field(
+        None, description="File with admin tokens, one per line (a mounted Kubernetes Secret); read at start."
+    )
+    inference_tokens_file: Path | None = Field(
+        None, description="File with inference tokens, one per line; read at start."
+    )
+    allow_unauthenticated_admin: bool = Field(
+        False,
+        description="Without admin tokens, admin routes work only on a loopback host; `true` opens them "
+        "on any address (only behind a gateway that checks access).",
+    )
+    metrics_require_auth: bool = Field(
+        False, description="`/metrics` needs an inference (or admin) token; open by default for scrapers."
+    )
+
+    @field_validator("cors_origins", "admin_tokens", "inference_tokens", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -1,0 +1,313 @@
+"""Bearer-token access control: a pure-ASGI middleware and the route -> scope table.
+
+Three scopes:
+
+* ``open`` — health probes, the interactive docs and (unless
+  ``MODEL_SERVER_METRICS_REQUIRE_AUTH``) ``/metrics``: never checked, so Kubernetes
+  probes and the docs page work without a token.
+* ``admin`` — whatever changes what the server serves: model load/unload (V1 and the
+  V2 repository extension) and client shared-memory register/unregister.
+* ``inference`` — everything else, including paths no route matches, so that a 404
+  tells an unauthenticated client nothing about which paths exist.
+
+Admin tokens also pass inference checks. The inference scope is open when no
+inference tokens are configured (as before this module existed). With no admin
+tokens, admin routes are open only when the server listens on a loopback address
+(``make serve``) or ``MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN`` is set; then they
+need what the inference scope needs. On any other address they answer 403 naming
+the settings to use.
+
+Tokens are kept only as SHA-256 digests, looked up in a dict: the lookup's timing
+depends on the digest of what the client sent, never on how many characters of a
+real token it guessed, which is what a constant-time comparison is for. A token
+is never logged; configuration errors name the setting and the line, not the token.
+
+The middleware sits outside the inference fast path, so it covers it and FastAPI
+alike; on an open route, or when no token is configured, it costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from model_server.settings import Settings
+
+from .errors import error_response
+
+# RFC 6750's b64token: what a bearer token may contain (no spaces, commas or quotes).
+_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+MIN_TOKEN_LENGTH = 16
+
+OPEN_PATHS = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
+)
+METRICS_PATH = "/metrics"
+SECURITY_SCHEME = "bearerAuth"
+
+
+class AuthScope(enum.Enum):
+    OPEN = "open"
+    INFERENCE = "inference"
+    ADMIN = "admin"
+
+
+class TokenConfigError(ValueError):
+    """A token setting cannot be used; the message names the setting, never a token."""
+
+
+def route_scope(method: str, path: str, metrics_require_auth: bool = False) -> AuthScope:
+    """The scope a request needs. Also works on route templates (``/v1/models/{model_id}/{version}``).
+
+    Admin paths are matched by prefix and suffix rather than exact segments: a path that
+    looks like an admin path but matches no route is classified admin too, which is
+    only ever stricter.
+    """
+    if len(path) > 1 and path.endswith("/"):
+        path = path.rstrip("/")  # Starlette redirects "/x/" to "/x": classify it as "/x"
+    if path in OPEN_PATHS:
+        return AuthScope.OPEN
+    if path == METRICS_PATH:
+        return AuthScope.INFERENCE if metrics_require_auth else AuthScope.OPEN
+    if method == "POST":
+        if path in ("/v1/models/load", "/v2/systemsharedmemory/unregister"):
+            return AuthScope.ADMIN
+        if path.startswith("/v2/repository/models/") and path.endswith(("/load", "/unload")):
+            return AuthScope.ADMIN
+        if path.startswith("/v2/systemsharedmemory/region/") and path.endswith(("/register", "/unregister")):
+            return AuthScope.ADMIN
+    elif method == "DELETE" and path.startswith("/v1/models/"):
+        return AuthScope.ADMIN
+    return AuthScope.INFERENCE
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+def _check_token(token: str, where: str) -> str:
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise TokenConfigError(
+            f"{where}: a token must have at least {MIN_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 32`)"
+        )
+    if not _TOKEN_CHARS.match(token):
+        raise TokenConfigError(f"{where}: a token may contain only letters, digits and -._~+/ (then =)")
+    return token
+
+
+def _read_token_file(path: Path, setting: str) -> list[str]:
+    """One token per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenConfigError(f"{setting}: cannot read {path}: {type(exc).__name__}") from None
+    tokens = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            tokens.append(_check_token(line, f"{setting} line {number}"))
+    if not tokens:
+        raise TokenConfigError(f"{setting}: {path} holds no token")
+    return tokens
+
+
+def load_tokens(settings: Settings) -> tuple[list[str], list[str]]:
+    """(admin tokens, inference tokens) from the settings and the token files, checked."""
+    found: list[list[str]] = []
+    for name in ("admin", "inference"):
+        env = f"MODEL_SERVER_{name.upper()}_TOKENS"
+        tokens = [
+            _check_token(secret.get_secret_value(), f"{env} item {i}")
+            for i, secret in enumerate(getattr(settings, f"{name}_tokens"), 1)
+        ]
+        path: Path | None = getattr(settings, f"{name}_tokens_file")
+        if path is not None:
+            tokens += _read_token_file(path, f"{env}_FILE")
+        found.append(tokens)
+    admin, inference = found
+    if settings.metrics_require_auth and not inference:
+        raise TokenConfigError(
+            "MODEL_SERVER_METRICS_REQUIRE_AUTH needs inference tokens "
+            "(MODEL_SERVER_INFERENCE_TOKENS or MODEL_SERVER_INFERENCE_TOKENS_FILE)"
+        )
+    return admin, inference
+
+
+class AuthPolicy:
+    """Which tokens exist and what each scope requires; built once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        admin, inference = load_tokens(settings)
+        self.known: dict[bytes, AuthScope] = {_digest(t.encode()): AuthScope.INFERENCE for t in inference}
+        self.known.update({_digest(t.encode()): AuthScope.ADMIN for t in admin})
+        self.inference_open = not inference
+        # No admin tokens: admin routes are as open as inference routes, on loopback or when allowed.
+        self.admin_disabled = not admin and not (
+            is_loopback(settings.host) or settings.allow_unauthenticated_admin
+        )
+        self.admin_open = not admin and not self.admin_disabled and self.inference_open
+        self.admin_needs_inference = not admin and not self.admin_disabled
+        self.metrics_require_auth = settings.metrics_require_auth
+
+    def is_open(self, scope: AuthScope) -> bool:
+        if scope is AuthScope.OPEN:
+            return True
+        if scope is AuthScope.INFERENCE:
+            return self.inference_open
+        return self.admin_open
+
+
+class AuthMiddleware:
+    """Answers 401/403 before the request reaches the fast path or FastAPI."""
+
+    def __init__(self, app: ASGIApp, policy: AuthPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self.policy
+        path: str = scope["path"]
+        needed = route_scope(scope["method"], path, policy.metrics_require_auth)
+        if policy.is_open(needed):
+            await self.app(scope, receive, send)
+            return
+        given: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        held: AuthScope | None = None
+        if given is not None:
+            scheme, _, token = given.partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                held = policy.known.get(_digest(token))
+        problem = self._problem(needed, given is not None, held)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        status, code, message, challenge = problem
+        response = error_response(path, status, code, message)
+        if challenge:
+            response.headers["WWW-Authenticate"] = challenge
+        await response(scope, receive, send)
+
+    def _problem(
+        self, needed: AuthScope, token_given: bool, held: AuthScope | None
+    ) -> tuple[int, str, str, str] | None:
+        """(status, code, message, WWW-Authenticate) of the refusal, or None to let the request in."""
+        policy = self.policy
+        if (
+            needed is AuthScope.ADMIN
+            and policy.admin_disabled
+            and (held is not None or policy.inference_open)
+        ):
+            return (
+                403,
+                "admin_disabled",
+                "admin endpoints are off: this server listens on a non-loopback address and has no admin "
+                "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
+                "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access",
+                "",
+            )
+        if held is None:
+            if token_given:
+                return (
+                    401,
+                    "unauthorized",
+                    "invalid bearer token",
+                    'Bearer realm="model-server", error="invalid_token"',
+                )
+            return (
+                401,
+                "unauthorized",
+                "missing bearer token: send the header `Authorization: Bearer <token>`",
+                'Bearer realm="model-server"',
+            )
+        if needed is AuthScope.ADMIN and held is not AuthScope.ADMIN and not policy.admin_needs_inference:
+            return (403, "forbidden", "this token does not have the admin scope", "")
+        return None
+
+
+def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:
+    """Adds the bearer scheme and the 401/403 answers to the OpenAPI document (built once, on demand).
+
+    Every operation that is not open lists the scheme, so `/docs` offers "Authorize" and
+    sends the token; an operation whose scope is open in this configuration also lists
+    the empty requirement (the token is optional). Nothing here runs per request.
+    """
+    build: Callable[[], dict[str, Any]] = app.openapi
+    done: list[dict[str, Any]] = []
+
+    def openapi() -> dict[str, Any]:
+        if done:
+            return done[0]
+        schema = build()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token of MODEL_SERVER_INFERENCE_TOKENS or MODEL_SERVER_ADMIN_TOKENS "
+            "(admin routes need an admin token).",
+        }
+        known_schemas = components.get("schemas", {})
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if not isinstance(operation, dict):
+                    continue
+                needed = route_scope(method.upper(), path, policy.metrics_require_auth)
+                if needed is AuthScope.OPEN:
+                    continue
+                security: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]
+                if policy.is_open(needed):
+                    security.append({})
+                operation["security"] = security
+                model = "V2ErrorResponse" if path.startswith("/v2") else "ErrorResponse"
+                body: dict[str, Any] = (
+                    {"$ref": f"#/components/schemas/{model}"}
+                    if model in known_schemas
+                    else {"type": "object"}
+                )
+                content = {"application/json": {"schema": body}}
+                responses = operation.setdefault("responses", {})
+                responses.setdefault(
+                    "401", {"description": "Missing or invalid bearer token.", "content": content}
+                )
+                responses.setdefault(
+                    "403",
+                    {"description": "The token lacks the admin scope, or admin is off.", "content": content},
+                )
+        done.append(schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
