@@ -14,6 +14,15 @@
 #       -e MODEL_SERVER_MODELS_FILE=/etc/model-server/models.yaml \
 #       model-server:gpu
 #
+# Tokens: the image listens on 0.0.0.0, so without admin tokens the admin routes
+#   (model load/unload, client shared memory) answer 403; inference stays open
+#   unless inference tokens are set. Give tokens as a file, never as an ENV in
+#   an image (docker history shows it), e.g. a Docker/Compose secret:
+#
+#   openssl rand -hex 32 > admin-tokens
+#   docker run ... -v "$PWD/admin-tokens:/run/secrets/model-server-admin-tokens:ro" \
+#       -e MODEL_SERVER_ADMIN_TOKENS_FILE=/run/secrets/model-server-admin-tokens model-server:gpu
+#
 # --shm-size: each HTTP frontend process maps a shared-memory arena of
 #   MODEL_SERVER_SHM_ARENA_BYTES (128 MiB by default) in /dev/shm. Docker's
 #   default /dev/shm is 64 MB, too small for even one arena. Give at least
