@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,31 @@ def test_openapi_documents_the_bearer_scheme() -> None:
     for operation in (paths["/v1/models/load"]["post"], paths["/v2/repository/models/{model}/load"]["post"]):
         assert {"401", "403"} <= operation["responses"].keys()
     assert paths["/v2/repository/models/{model}/load"]["post"]["responses"]["401"]["content"]
+
+
+def test_cors_preflight_needs_no_token_and_a_401_is_readable_by_the_page() -> None:
+    origin = "http://app.example.test"
+    settings = Settings(host="127.0.0.1", inference_tokens=INFER, cors_origins=origin)
+    preflight = call(
+        settings,
+        "OPTIONS",
+        "/v2/models/m/infer",
+        headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+    )
+    # A browser sends no credentials on a preflight: it must not be refused.
+    assert preflight.status_code == 200
+    refused = call(settings, "POST", "/v2/models/m/infer", headers={"Origin": origin}, json={})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == origin
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "two words", "semi;colon", 'quote"d', "é"])
+def test_a_client_request_id_outside_the_safe_charset_is_replaced(given: str) -> None:
+    """The id goes into every log line of the request: only 1-128 chars of [A-Za-z0-9._:-] are kept."""
+    settings = Settings(host="127.0.0.1")
+    kept = call(settings, "GET", "/health", headers={"X-Request-ID": "req-1.a:b_c"})
+    assert kept.headers["x-request-id"] == "req-1.a:b_c"
+    replaced = call(settings, "GET", "/health", headers={"X-Request-ID": given.encode()})
+    assert replaced.status_code == 200
+    assert replaced.headers["x-request-id"] not in (given, "")
+    assert re.fullmatch(r"[0-9a-f]+", replaced.headers["x-request-id"])
