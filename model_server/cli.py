@@ -71,13 +71,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host:
         os.environ["MODEL_SERVER_HOST"] = args.host
     settings = Settings()
-    from frontend.auth import TokenConfigError, load_tokens
+    from frontend.auth import TokenConfigError, is_loopback, load_tokens
 
     try:
-        load_tokens(settings)  # fail here, once, rather than in every frontend process
+        admin_tokens, _ = load_tokens(settings)  # fail here, once, rather than in every frontend
     except TokenConfigError as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return exitcodes.BOOT_ERROR
+    if not admin_tokens and not is_loopback(settings.host) and not settings.allow_unauthenticated_admin:
+        print(
+            "model-server: admin routes (model load/unload, client shared memory) answer 403 on "
+            f"{settings.host}: set MODEL_SERVER_ADMIN_TOKENS or MODEL_SERVER_ADMIN_TOKENS_FILE",
+            file=sys.stderr,
+        )
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         from . import demo
