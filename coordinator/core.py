@@ -46,6 +46,9 @@ from ipc.messages import (
     WorkerState,
     WorkerToCoordinator,
 )
+from loader import policy as loader_policy
+from loader.errors import LoadError
+from loader.redact import strip_credentials
 from model_server import metrics
 from model_server.settings import Settings
 
@@ -256,6 +259,22 @@ class CoordinatorCore:
     ) -> None:
         """Start (or join) a load; ``waiter`` gets the answer when it ends."""
         key = (model_id, version)
+        if registry_uri:
+            # The source policy and the no-credentials rule, before the URI is stored anywhere.
+            try:
+                loader_policy.admit(registry_uri, self.settings)
+            except LoadError as exc:
+                log.warning(
+                    "load of %s:%s from %s refused (%d): %s",
+                    model_id,
+                    version,
+                    strip_credentials(registry_uri),
+                    exc.status,
+                    exc.message,
+                )
+                if waiter:
+                    self._reply(waiter[0], ClientReply(waiter[1], exc.status, exc.message, exc.code))
+                return
         entry = self.models.get(key)
         if entry is not None:
             if entry.state == "unloading":
@@ -411,7 +430,7 @@ class CoordinatorCore:
         job.fetching = False
         entry.state = "loading"
         entry.path, entry.sha256, entry.size_bytes, entry.schema = path, sha256, size, schema
-        entry.registry_uri = uri
+        entry.registry_uri = strip_credentials(uri)
         entry.progress = {}
         for index in self._targets(entry):
             job.asked.add(index)
@@ -684,7 +703,7 @@ class CoordinatorCore:
             {
                 "model_id": e.model_id,
                 "version": e.version,
-                "registry_uri": e.registry_uri or None,
+                "registry_uri": strip_credentials(e.registry_uri) or None,
                 "config": e.config,
             }
             for e in self.models.values()

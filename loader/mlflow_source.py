@@ -61,6 +61,7 @@ from .errors import (
 from .local import LocalSource
 from .mlflow_store import MlflowStore
 from .mlmodel import MLMODEL, parse_mlmodel
+from .policy import check_mlflow_host
 from .progress import DownloadMeter
 from .redact import redact, register_secret
 from .remote import CHUNK_BYTES, Downloaded, RemoteFile, Target, fetch_target, local_io_error
@@ -397,6 +398,7 @@ class MlflowSource:
         if scheme == "mlflow-artifacts":
             return self._fetch_proxied(location, source_uri, progress)
         if scheme in {"http", "https"} and ARTIFACTS_API in location:
+            check_mlflow_host(location, self.settings)
             base, _, path = location.partition(ARTIFACTS_API)
             return self._fetch_dir(
                 ProxiedDir(MlflowHttp(base, self.settings.download_timeout_s), path), source_uri, progress
@@ -425,6 +427,7 @@ class MlflowSource:
         return self._fetch(_join(location, rest), source_uri, progress, depth)
 
     def _proxied(self, location: str) -> ProxiedDir:
+        check_mlflow_host(location, self.settings)  # before any connection: credentials go with it
         parsed = urlparse(location)
         tracking = urlparse(self.tracking_uri or "")
         if parsed.netloc:

@@ -14,7 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, exitcodes
+from .rundir import RunDirError, prepare_run_dir
 from .settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host:
         os.environ["MODEL_SERVER_HOST"] = args.host
     settings = Settings()
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_run_dir(settings.run_dir)
+    except RunDirError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return exitcodes.BOOT_ERROR
     if args.demo:
         from . import demo
 

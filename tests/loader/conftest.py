@@ -154,13 +154,18 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Iterator[SettingsFactory]:
-    """``make_settings(**fields)``: Settings for one test with its own cache dir and repository."""
+def make_settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettingsFactory]:
+    """``make_settings(**fields)``: Settings for one test with its own cache dir and repository.
+
+    Local models may come from anywhere under the session's temporary directory
+    (the policy's own tests pass ``allowed_local_roots`` themselves).
+    """
 
     def make(**fields: object) -> Settings:
         values: dict[str, object] = {
             "cache_dir": tmp_path / "cache",
             "model_repository": tmp_path / "repo",
+            "allowed_local_roots": [tmp_path_factory.getbasetemp()],
             "mlflow_tracking_uri": None,
             "aws_s3_bucket": None,
             "download_timeout_s": 5.0,
