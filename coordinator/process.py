@@ -259,6 +259,9 @@ def main() -> int:
     settings = get_settings()
     start_role("coordinator", settings)
     stop = ShutdownFlag().install()
+    # Only this process talks to MLflow, and MlflowClient takes its timeout and retries only
+    # from environment variables: set them here, from the settings, before any fetch thread.
+    loader.mlflow_source.configure_mlflow(settings)
     arena.sweep(settings.shm_prefix, only_dead=True)  # left by a crashed predecessor
     try:
         proc = CoordinatorProcess(settings, stop.event)
