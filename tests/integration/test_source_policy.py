@@ -222,3 +222,26 @@ def _read(path: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text()
     return ""
+
+
+def test_load_repository_start_up_models_pass_the_policy(tmp_path: Path) -> None:
+    """MODEL_SERVER_LOAD_REPOSITORY loads every repository model by its default (local) URI."""
+    repo = tmp_path / "repo"
+    demo.write(repo)
+    models.linear(repo / "linear" / "1" / "model.onnx", features=3)
+    srv = Server(repo, workers=1, MODEL_SERVER_LOAD_REPOSITORY="true")
+    try:
+        srv.start()
+        listed = {(m["model_id"], m["version"]): m for m in srv.client.get("/v1/models").json()["models"]}
+        assert {k: m["state"] for k, m in listed.items()} == {
+            ("fraud_detection", "2.0.0"): "ready",
+            ("linear", "1"): "ready",
+        }
+        x = np.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.5]], dtype=np.float32)
+        records = [{"f0": float(r[0]), "f1": float(r[1]), "f2": float(r[2])} for r in x]
+        r = srv.client.post("/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": records})
+        assert r.status_code == 200, r.text
+        expected = ort_run(repo / "linear" / "1" / "model.onnx", {"x": x})
+        np.testing.assert_allclose([o["scores"] for o in r.json()["outputs"]], expected["scores"], rtol=1e-6)
+    finally:
+        srv.stop()
