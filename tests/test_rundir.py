@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from model_server import exitcodes
 from model_server.rundir import RunDirError, prepare_run_dir, read_private, write_private
 
 OTHER_UID = 65534  # nobody
@@ -75,3 +78,21 @@ def test_a_planted_state_file_is_not_read(tmp_path: Path) -> None:
         os.chown(theirs, OTHER_UID, OTHER_UID)
         with pytest.raises(RunDirError, match="not a regular file of this user"):
             read_private(theirs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory of another user needs root")
+def test_serve_refuses_a_run_dir_of_another_user(tmp_path: Path) -> None:
+    run_dir = tmp_path / "theirs"
+    run_dir.mkdir()
+    os.chown(run_dir, OTHER_UID, OTHER_UID)
+    env = {**os.environ, "MODEL_SERVER_RUN_DIR": str(run_dir), "MODEL_SERVER_HOST": "127.0.0.1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "model-server"), "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == exitcodes.BOOT_ERROR
+    assert "MODEL_SERVER_RUN_DIR" in done.stderr and "belongs to uid 65534" in done.stderr
