@@ -437,14 +437,16 @@ class CoordinatorCore:
             self._send_worker(index, self._load_message(entry))
         self._changed()
 
-    def on_fetch_failed(self, key: Key, status: int, message: str) -> None:
+    def on_fetch_failed(self, key: Key, status: int, message: str, code: str = "load_failed") -> None:
         entry = self.models.get(key)
         job = self.loads.pop(key, None)
         if entry is None or job is None:
             return
-        self._fail(entry, job, status, message)
+        self._fail(entry, job, status, message, code)
 
-    def _fail(self, entry: ModelEntry, job: LoadJob, status: int, message: str) -> None:
+    def _fail(
+        self, entry: ModelEntry, job: LoadJob, status: int, message: str, code: str = "load_failed"
+    ) -> None:
         entry.state = "failed"
         entry.reason = message
         entry.error_status = status
@@ -453,7 +455,7 @@ class CoordinatorCore:
         metrics.LOAD_FAILURES.labels(entry.model_id).inc()
         log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
         for peer, req in job.waiters:
-            self._reply(peer, ClientReply(req, status, message, "load_failed", entry=entry))
+            self._reply(peer, ClientReply(req, status, message, code, entry=entry))
         if entry.config.startup:
             # A registry that is down at boot must not leave a replica unready for ever.
             key = (entry.model_id, entry.version)

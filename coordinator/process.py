@@ -37,7 +37,7 @@ from ipc.messages import (
     coordinator_inbound_decoder,
     encode,
 )
-from loader.errors import LoadError
+from loader.errors import LoadError, SourceNotAllowed
 from loader.local import repository_index
 from loader.redact import redact
 from model_server import exitcodes, metrics
@@ -98,7 +98,9 @@ class CoordinatorProcess:
             artifact, schema = loader.load_artifact(key[0], key[1], job.registry_uri, self.settings, progress)
         except LoadError as exc:
             status, message = exc.status, exc.message
-            self._post(lambda: self.core.on_fetch_failed(key, status, message))
+            # A policy refusal keeps its code (as when refused on entry); other failures stay load_failed.
+            code = exc.code if isinstance(exc, SourceNotAllowed) else "load_failed"
+            self._post(lambda: self.core.on_fetch_failed(key, status, message, code))
             return
         except Exception as exc:
             error = redact(f"{type(exc).__name__}: {exc}")

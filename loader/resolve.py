@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 from ipc.messages import ModelSchema
@@ -102,7 +103,14 @@ def load_artifact(
     if scheme_of(uri) in {"", "file"}:
         # Fetch the resolved path, so a symlink swapped after the check changes nothing.
         resolved = policy.check_local(uri, settings)
-        artifact = replace(LocalSource().fetch(str(resolved), progress), source_uri=uri)
+
+        # A directory inside the roots may hold a model.onnx (or name an MLmodel data file)
+        # that links out of them: the file to be served must pass too, before it is read.
+        def check(path: Path) -> None:
+            policy.check_local(str(path), settings)
+
+        source = LocalSource(check=check)
+        artifact = replace(source.fetch(str(resolved), progress), source_uri=uri)
     else:
         artifact = source_for(uri, settings).fetch(uri, progress)
     try:

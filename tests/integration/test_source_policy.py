@@ -79,6 +79,8 @@ def policy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     outside = tmp_path_factory.mktemp("outside")
     models.linear(outside / "model.onnx", features=3)
     (repo / "escape").symlink_to(outside)
+    (repo / "linkfile" / "1").mkdir(parents=True)  # a real directory whose model.onnx links out
+    (repo / "linkfile" / "1" / "model.onnx").symlink_to(outside / "model.onnx")
     (repo / "alias").symlink_to(repo / "fraud_detection" / "2.0.0")  # a link that stays inside
     return repo
 
@@ -132,6 +134,7 @@ def test_local_paths_outside_the_repository_are_refused_without_a_path(
             "/proc/self/mem",
             str(policy_repo / "escape"),
             str(policy_repo / "escape" / "model.onnx"),
+            str(policy_repo / "linkfile" / "1"),
             str(planted),
             planted.as_uri(),
         ]
@@ -150,8 +153,14 @@ def test_local_paths_outside_the_repository_are_refused_without_a_path(
         assert "/dev/shm" not in r.text
     finally:
         planted.unlink(missing_ok=True)
-    listed = {m["model_id"] for m in policy_server.client.get("/v1/models").json()["models"]}
-    assert not any(name.startswith("bad") for name in listed), "a refused load leaves no entry"
+    listed = {m["model_id"]: m for m in policy_server.client.get("/v1/models").json()["models"]}
+    # Refused on entry: no table entry. Only the link found while fetching (a file inside a
+    # directory that passed) leaves a failed one, whose reason names no path either.
+    late = f"bad{uris.index(str(policy_repo / 'linkfile' / '1'))}"
+    assert {name for name in listed if name.startswith("bad")} <= {late}
+    if late in listed:
+        assert listed[late]["state"] == "failed"
+        assert not any(word in str(listed[late]["reason"]) for word in FORBIDDEN_IN_ANSWERS)
 
 
 def test_paths_inside_the_repository_load_and_serve(policy_server: Server, policy_repo: Path) -> None:

@@ -58,6 +58,12 @@ def test_repository_paths_load_and_everything_else_is_refused_alike(
     outside = tmp_path / "outside"
     models.linear(outside / "model.onnx", features=3)
     (repo / "escape").symlink_to(outside)  # a link inside the repository pointing out of it
+    (repo / "linkfile" / "1").mkdir(parents=True)  # a real directory whose model.onnx links out
+    (repo / "linkfile" / "1" / "model.onnx").symlink_to(outside / "model.onnx")
+    (repo / "zero" / "1").mkdir(parents=True)  # would never finish hashing if read
+    (repo / "zero" / "1" / "only.onnx").symlink_to("/dev/zero")
+    (repo / "mlmodel" / "1").mkdir(parents=True)  # an MLmodel that links to a file outside
+    (repo / "mlmodel" / "1" / "MLmodel").symlink_to(tmp_path / ".bashrc")
     monkeypatch.chdir(repo / "lin")
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".bashrc").write_text("secret")
@@ -71,6 +77,9 @@ def test_repository_paths_load_and_everything_else_is_refused_alike(
         "file://elsewhere/repo/lin/1",
         str(repo / "escape"),
         str(repo / "escape" / "model.onnx"),
+        str(repo / "linkfile" / "1"),
+        str(repo / "zero" / "1"),
+        str(repo / "mlmodel" / "1"),
         str(repo / ".." / "outside"),
         str(tmp_path / "cache"),
         "/etc/\x00passwd",
