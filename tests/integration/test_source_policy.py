@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -225,6 +226,38 @@ def test_credentials_in_a_uri_never_reach_answers_logs_or_the_state_file(
     # Private: the state file 0600, the run directory (created 0755 by the test) now 0700.
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert stat.S_IMODE(policy_server.run_dir.stat().st_mode) == 0o700
+
+
+def test_a_restarted_coordinator_restores_from_the_private_state_file(policy_server: Server) -> None:
+    c = policy_server.client
+    assert _load(policy_server, "kept", str(policy_server.repository / "fraud_detection" / "2.0.0"))[0] == 200
+    state = policy_server.run_dir / "coordinator-state.json"
+    policy_server.wait_for(lambda: "kept" in _read(state), 30, "the state file to list the new model")
+    old = policy_server.processes()["coordinator"]
+    old.kill()  # a crash: the state file stays for the next coordinator
+    old.wait(10)
+
+    def restored() -> bool:
+        current = policy_server.processes().get("coordinator")
+        if current is None or current.pid == old.pid:
+            return False
+        try:
+            models = {m["model_id"]: m["state"] for m in c.get("/v1/models", timeout=2).json()["models"]}
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+        return models.get("kept") == "ready" and models.get("startup") == "ready"
+
+    policy_server.wait_for(restored, 60, "the restarted coordinator to load the saved models")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    r = c.post("/v1/infer", json={"model_id": "kept", "model_version": "1", "inputs": RECORDS})
+    assert r.status_code == 200, r.text
+    model = policy_server.repository / "fraud_detection" / "2.0.0" / "model.onnx"
+    feeds = {
+        "feature1": np.array([[rec["feature1"]] for rec in RECORDS], dtype=np.float32),
+        "feature2": np.array([[rec["feature2"]] for rec in RECORDS], dtype=np.float32),
+    }
+    expected = ort_run(model, feeds)["fraud_probability"][:, 0]
+    np.testing.assert_allclose([o["fraud_probability"] for o in r.json()["outputs"]], expected, rtol=1e-6)
 
 
 def _read(path: Path) -> str:
