@@ -7,6 +7,7 @@ proxied by the server for ``mlflow-artifacts:``) and uploaded to S3 directly.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import onnx
 import pytest
 
 from loader import cache as cache_module
+from loader.mlflow_source import mlflow_environment
 from model_server.settings import Settings
 from tests.services import MlflowServer, MotoServer
 
@@ -151,6 +153,21 @@ def world(
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment() -> Iterator[None]:
+    """A source sets MLflow's process-wide HTTP variables from its settings (as the coordinator
+    does once): restore them after each test, so one test's 1 s timeout or zero retries cannot
+    reach the next one, nor the session fixtures that log models."""
+    names = list(mlflow_environment(Settings()))
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
