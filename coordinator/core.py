@@ -46,6 +46,9 @@ from ipc.messages import (
     WorkerState,
     WorkerToCoordinator,
 )
+from loader import policy as loader_policy
+from loader.errors import LoadError
+from loader.redact import strip_credentials
 from model_server import metrics
 from model_server.settings import Settings
 
@@ -256,6 +259,22 @@ class CoordinatorCore:
     ) -> None:
         """Start (or join) a load; ``waiter`` gets the answer when it ends."""
         key = (model_id, version)
+        if registry_uri:
+            # The source policy and the no-credentials rule, before the URI is stored anywhere.
+            try:
+                loader_policy.admit(registry_uri, self.settings)
+            except LoadError as exc:
+                log.warning(
+                    "load of %s:%s from %s refused (%d): %s",
+                    model_id,
+                    version,
+                    strip_credentials(registry_uri),
+                    exc.status,
+                    exc.message,
+                )
+                if waiter:
+                    self._reply(waiter[0], ClientReply(waiter[1], exc.status, exc.message, exc.code))
+                return
         entry = self.models.get(key)
         if entry is not None:
             if entry.state == "unloading":
@@ -411,21 +430,23 @@ class CoordinatorCore:
         job.fetching = False
         entry.state = "loading"
         entry.path, entry.sha256, entry.size_bytes, entry.schema = path, sha256, size, schema
-        entry.registry_uri = uri
+        entry.registry_uri = strip_credentials(uri)
         entry.progress = {}
         for index in self._targets(entry):
             job.asked.add(index)
             self._send_worker(index, self._load_message(entry))
         self._changed()
 
-    def on_fetch_failed(self, key: Key, status: int, message: str) -> None:
+    def on_fetch_failed(self, key: Key, status: int, message: str, code: str = "load_failed") -> None:
         entry = self.models.get(key)
         job = self.loads.pop(key, None)
         if entry is None or job is None:
             return
-        self._fail(entry, job, status, message)
+        self._fail(entry, job, status, message, code)
 
-    def _fail(self, entry: ModelEntry, job: LoadJob, status: int, message: str) -> None:
+    def _fail(
+        self, entry: ModelEntry, job: LoadJob, status: int, message: str, code: str = "load_failed"
+    ) -> None:
         entry.state = "failed"
         entry.reason = message
         entry.error_status = status
@@ -434,7 +455,7 @@ class CoordinatorCore:
         metrics.LOAD_FAILURES.labels(entry.model_id).inc()
         log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
         for peer, req in job.waiters:
-            self._reply(peer, ClientReply(req, status, message, "load_failed", entry=entry))
+            self._reply(peer, ClientReply(req, status, message, code, entry=entry))
         if entry.config.startup:
             # A registry that is down at boot must not leave a replica unready for ever.
             key = (entry.model_id, entry.version)
@@ -684,7 +705,7 @@ class CoordinatorCore:
             {
                 "model_id": e.model_id,
                 "version": e.version,
-                "registry_uri": e.registry_uri or None,
+                "registry_uri": strip_credentials(e.registry_uri) or None,
                 "config": e.config,
             }
             for e in self.models.values()

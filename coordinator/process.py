@@ -37,12 +37,13 @@ from ipc.messages import (
     coordinator_inbound_decoder,
     encode,
 )
-from loader.errors import LoadError
+from loader.errors import LoadError, SourceNotAllowed
 from loader.local import repository_index
 from loader.redact import redact
 from model_server import exitcodes, metrics
 from model_server.models_file import ModelsFileError, model_config_from, read_models_file
 from model_server.roles import ShutdownFlag, start_role
+from model_server.rundir import RunDirError, read_private, write_private
 from model_server.settings import Settings, get_settings
 
 from .core import CoordinatorCore, Fetch, Key
@@ -97,7 +98,9 @@ class CoordinatorProcess:
             artifact, schema = loader.load_artifact(key[0], key[1], job.registry_uri, self.settings, progress)
         except LoadError as exc:
             status, message = exc.status, exc.message
-            self._post(lambda: self.core.on_fetch_failed(key, status, message))
+            # A policy refusal keeps its code (as when refused on entry); other failures stay load_failed.
+            code = exc.code if isinstance(exc, SourceNotAllowed) else "load_failed"
+            self._post(lambda: self.core.on_fetch_failed(key, status, message, code))
             return
         except Exception as exc:
             error = redact(f"{type(exc).__name__}: {exc}")
@@ -133,9 +136,14 @@ class CoordinatorProcess:
             for model_id, version in repository_index(self.settings.model_repository):
                 if (model_id, version) not in self.core.models:
                     self.core.request_load(model_id, version, None, model_config_from({}, startup=True))
-        if self.state_path.exists():
+        try:
+            text = read_private(self.state_path)
+        except RunDirError as exc:
+            log.error("not restoring models: %s", exc)
+            text = None
+        if text is not None:
             try:
-                saved = json.loads(self.state_path.read_text())
+                saved = json.loads(text)
                 for item in saved:
                     config = msgspec.convert(item["config"], ModelConfig)
                     if (item["model_id"], item["version"]) not in self.core.models:
@@ -150,9 +158,7 @@ class CoordinatorProcess:
         """Persist the desired model set so a restarted coordinator converges to it."""
         state = json.dumps(msgspec.to_builtins(self.core.desired_models()), sort_keys=True)
         if state != self._saved_state:
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(state)
-            tmp.replace(self.state_path)
+            write_private(self.state_path, state)  # 0600: it lists every model's source
             self._saved_state = state
 
     def run(self) -> int:
@@ -255,11 +261,23 @@ def main() -> int:
     settings = get_settings()
     start_role("coordinator", settings)
     stop = ShutdownFlag().install()
+    # Only this process talks to MLflow, and MlflowClient takes its timeout and retries only
+    # from environment variables: set them here, from the settings, before any fetch thread.
+    loader.mlflow_source.configure_mlflow(settings)
     arena.sweep(settings.shm_prefix, only_dead=True)  # left by a crashed predecessor
     try:
         proc = CoordinatorProcess(settings, stop.event)
         if settings.models_file:
-            read_models_file(settings.models_file)  # fail fast on a bad file
+            # Fail fast on a bad file, or one naming a source the policy refuses: a start-up
+            # model that can never load would keep /ready false with only a log line to say why.
+            for model_id, version, uri, _ in read_models_file(settings.models_file):
+                if uri:
+                    try:
+                        loader.policy.admit(uri, settings)
+                    except LoadError as exc:
+                        raise ModelsFileError(
+                            f"models file {settings.models_file}: {model_id}:{version}: {exc.message}"
+                        ) from None
     except (ModelsFileError, OSError) as exc:
         log.error("coordinator cannot boot: %s", exc)
         return exitcodes.BOOT_ERROR

@@ -6,7 +6,7 @@ imported on first use. See ``loader.resolve`` for the URI rules and
 ``loader.cache`` for the artifact cache and its pin/release contract.
 """
 
-from . import mlflow_source, s3_source
+from . import mlflow_source, policy, s3_source
 from .artifact import Artifact, Progress
 from .cache import pin, release
 from .errors import LoadError
@@ -20,6 +20,7 @@ __all__ = [
     "load_artifact",
     "mlflow_source",
     "pin",
+    "policy",
     "register_source",
     "release",
     "s3_source",

@@ -35,6 +35,13 @@ class AccessDenied(LoadError):
     code = "access_denied"
 
 
+class SourceNotAllowed(LoadError):
+    """The model-source policy (``loader.policy``) refuses the URI; the message names the setting."""
+
+    status = 403
+    code = "source_not_allowed"
+
+
 class InvalidModel(LoadError):
     """Not an ONNX model, or a flavor we cannot serve."""
 

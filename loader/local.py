@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -54,6 +55,10 @@ class LocalSource:
     record schema.
     """
 
+    def __init__(self, check: Callable[[Path], None] | None = None) -> None:
+        # Called with the file to be served before it is read (the source policy).
+        self.check = check
+
     def fetch(self, uri: str, progress: ProgressCallback) -> Artifact:
         from .mlmodel import MLMODEL, parse_mlmodel
 
@@ -61,6 +66,8 @@ class LocalSource:
         names: list[str] | None = None
         types: dict[str, str] = {}
         if given.is_dir() and (given / MLMODEL).is_file():
+            if self.check is not None:
+                self.check(given / MLMODEL)
             info = parse_mlmodel((given / MLMODEL).read_bytes(), str(given))
             path = given / info.model_file
             if not path.is_file():
@@ -68,6 +75,8 @@ class LocalSource:
             names, types = info.feature_names, info.feature_types
         else:
             path = find_model_file(given)
+        if self.check is not None:
+            self.check(path)
         return Artifact(
             path=path.resolve(),
             sha256=sha256_file(path),

@@ -1,4 +1,4 @@
-"""Models in an MLflow tracking server (``MLFLOW_TRACKING_URI``).
+"""Models in an MLflow registry (``MLFLOW_TRACKING_URI``), read through ``MlflowClient`` only.
 
 URI forms
 ---------
@@ -7,44 +7,47 @@ URI forms
   highest version), and MLflow 3's ``models:/<logged-model-id>`` (``m-...``);
 * ``runs:/<run_id>/<path>``: ``<path>`` in the run's artifacts or, as MLflow 3
   logs models, the model logged by that run under the name ``<path>``;
-* ``mlflow-artifacts:/<path>`` (or ``mlflow-artifacts://host:port/<path>``):
+* ``mlflow-artifacts:/<path>`` (or ``mlflow-artifacts://host:port/<path>``, the
+  host being the tracking server or one in ``MODEL_SERVER_ALLOWED_MLFLOW_HOSTS``):
   artifacts that the tracking server proxies.
 
+One path for every registry: ``MlflowClient(tracking_uri=registry_uri=MLFLOW_TRACKING_URI)``
+answers for a tracking server (``http(s)://``) and for a store MLflow reads
+directly (``sqlite:///mlflow.db``, ``postgresql://…``, ``file:./mlruns``) alike.
 The registry tells where the artifacts live. S3 locations are read with boto3
 directly (``loader.s3_source``: ETag cache keys, progress); ``mlflow-artifacts:``
-locations are streamed through the tracking server; local ``file:`` locations are
-served in place; other stores (GCS, Azure, HDFS...) go through MLflow's own
-download and are keyed in the cache by content.
+locations are listed and streamed through MLflow's own artifact repository for
+the tracking server; local ``file:`` locations are served in place; other stores
+(GCS, Azure, HDFS...) go through MLflow's own download and are keyed in the cache
+by content.
 
-The model must be an MLflow model directory with the ``onnx`` flavor (see
-``loader.mlmodel``) or a plain ``.onnx`` file.
+Timeouts and retries are MLflow's own, process-wide environment variables
+(``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``…_MAX_RETRIES``…): :func:`configure_mlflow`
+sets them from the settings. Only the coordinator downloads, so it calls it at
+start; a source calls it again with its own settings (the same values there).
+MLflow reads them on every request, and its defaults (120 s, 7 retries with
+exponential backoff) would take minutes to report an unreachable registry.
 
-Registry calls go through MLflow's REST client (``mlflow.utils.rest_utils``),
-which resolves MLflow's own credentials (``MLFLOW_TRACKING_TOKEN``,
-``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, client certificates...), with
-``download_timeout_s`` as timeout and ``MLFLOW_MAX_RETRIES`` retries.
-``MlflowClient`` is not used because its timeout and retries come only from
-process-wide environment variables (by default 120 s and 7 retries with
-exponential backoff: minutes before an unreachable registry is reported).
-A tracking URI that is not http(s) (``sqlite:``, ``postgresql:``, ``file:``...) is
-read through ``MlflowClient`` instead (``loader.mlflow_store``), with the same
-resolution logic.
-
-Errors: unknown model, version, alias, stage or run -> 404 with the registry's
-message; 401/403 -> 403; server unreachable -> 502; no answer in time -> 504;
-a model without the onnx flavor -> 422 naming the supported flavors.
+Errors, by exception type (``MlflowException.error_code``, ``requests``/``urllib3``
+exceptions in the cause chain), never by message text: unknown model, version,
+alias, stage or run -> 404 with the registry's message; unauthenticated or denied
+-> 403; unreachable -> 502; no answer in time -> 504; a model without the onnx
+flavor -> 422 naming the supported flavors.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import posixpath
 import socket
+import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import unquote, urlparse
 
 from model_server.settings import Settings
 
@@ -59,20 +62,46 @@ from .errors import (
     UnsupportedSource,
 )
 from .local import LocalSource
-from .mlflow_store import MlflowStore
 from .mlmodel import MLMODEL, parse_mlmodel
+from .policy import check_mlflow_host
 from .progress import DownloadMeter
 from .redact import redact, register_secret
-from .remote import CHUNK_BYTES, Downloaded, RemoteFile, Target, fetch_target, local_io_error
+from .remote import Downloaded, RemoteFile, Target, fetch_target, local_io_error
 from .resolve import register_source, scheme_of
 
 log = logging.getLogger(__name__)
 
-MLFLOW_MAX_RETRIES = 2
-MLFLOW_BACKOFF_FACTOR = 0.5
 MAX_REDIRECTS = 3  # models:/ -> runs:/ -> storage, at most
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
-_ACCESS_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"})
+PROGRESS_POLL_S = 0.25
+_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
+_DENIED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "UNAUTHORIZED"})
+_NOT_MLFLOW = frozenset({"ENDPOINT_NOT_FOUND"})
+_REJECTED = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"})
+_env_lock = threading.Lock()
+
+
+def mlflow_environment(settings: Settings) -> dict[str, str]:
+    """MLflow's own HTTP variables for these settings."""
+    timeout = str(max(1, math.ceil(settings.download_timeout_s)))  # MLflow takes whole seconds
+    return {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow_max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        # A Retry-After of an hour must not hold a fetch thread for an hour.
+        "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+        "MLFLOW_DOWNLOAD_CHUNK_TIMEOUT": timeout,
+        # Presigned multipart downloads would send requests to hosts the policy has not seen.
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+
+
+def configure_mlflow(settings: Settings) -> None:
+    """Set MLflow's timeout/retry variables in this process (MLflow reads them per request)."""
+    with _env_lock:
+        os.environ.update(mlflow_environment(settings))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -89,155 +118,201 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _transport_error(exc: BaseException, what: str, server: str, timeout_s: float) -> LoadError:
-    """Unreachable (refused, DNS) -> 502; no answer in time -> 504."""
+def _transport_error(
+    chain: list[BaseException], what: str, server: str, timeout_s: float
+) -> LoadError | None:
+    """Unreachable (refused, DNS) -> 502; no answer in time -> 504; None if not a transport error."""
     import requests
     import urllib3
 
-    chain = _chain(exc)
-    text = " ".join(str(e) for e in chain).lower()
-    refused = any(
-        isinstance(e, urllib3.exceptions.NewConnectionError | ConnectionRefusedError | socket.gaierror)
-        for e in chain
-    ) or any(word in text for word in ("refused", "name or service not known", "failed to resolve"))
-    if not refused and (
-        any(
-            isinstance(e, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError | TimeoutError)
-            for e in chain
+    # urllib3's NewConnectionError subclasses ConnectTimeoutError: test for it first.
+    refused_types = (
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.NameResolutionError,
+        ConnectionRefusedError,
+        socket.gaierror,
+    )
+    if any(isinstance(e, refused_types) for e in chain):
+        return SourceUnavailable(
+            f"MLflow tracking server {server} is unreachable ({what}): connection refused"
         )
-        or "timed out" in text
-    ):
+    timeout_types = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    if any(isinstance(e, timeout_types) for e in chain):
         return SourceTimeout(
             f"MLflow tracking server {server} did not answer within {timeout_s:g} s ({what})"
         )
-    reason = "connection refused" if refused else type(exc).__name__
-    return SourceUnavailable(f"MLflow tracking server {server} is unreachable ({what}): {reason}")
+    transport_types = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError)
+    found = next((e for e in chain if isinstance(e, transport_types)), None)
+    if found is not None:
+        return SourceUnavailable(
+            f"MLflow tracking server {server} is unreachable ({what}): {type(found).__name__}"
+        )
+    return None
 
 
-class MlflowHttp:
-    """REST calls to one MLflow server with bounded timeout and retries."""
+def mlflow_error(exc: BaseException, what: str, server: str, timeout_s: float) -> LoadError:
+    """Map what MlflowClient raised to the LoadError a user can act on (by type and error code)."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, host: str, timeout_s: float) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
+    if isinstance(exc, LoadError):
+        return exc
+    local = local_io_error(exc, what)
+    if local is not None:
+        return local
+    chain = _chain(exc)
+    # A status answer (HTTPError from the artifact repository) before the transport check:
+    # requests' HTTPError is a RequestException too.
+    http_error = next((e for e in chain if isinstance(e, requests.exceptions.HTTPError)), None)
+    status = int(http_error.response.status_code) if http_error and http_error.response is not None else 0
+    if status in {401, 403}:
+        return AccessDenied(f"MLflow tracking server {server} denied {what} ({status})")
+    if status == 404:
+        return ModelNotFound(f"{what}: not found on {server}")
+    if status:
+        return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {status}")
+    transport = _transport_error(chain, what, server, timeout_s)
+    if transport is not None:
+        return transport
+    if isinstance(exc, MlflowException):
+        code = str(exc.error_code)
+        message = redact(str(exc.message))
+        if code in _NOT_FOUND:
+            return ModelNotFound(message)
+        if code in _DENIED:
+            return AccessDenied(f"MLflow tracking server {server} denied {what}: {message}")
+        if code in _NOT_MLFLOW:
+            return SourceUnavailable(f"{server} does not look like an MLflow tracking server ({what})")
+        if code in _REJECTED:
+            return InvalidUri(f"MLflow rejected {what}: {message}")
+        return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {message}")
+    # The store's own driver (a locked or missing database, a schema error).
+    return SourceUnavailable(f"MLflow registry {server} failed on {what}: {type(exc).__name__}")
 
-        self.host = host.rstrip("/")
-        self.display = redact(self.host)
-        self.timeout_s = timeout_s
-        self.creds = get_default_host_creds(self.host)  # type: ignore[no-untyped-call]
-        register_secret(getattr(self.creds, "password", None))
-        register_secret(getattr(self.creds, "token", None))
 
-    def request(self, method: str, endpoint: str, what: str, **kwargs: Any) -> Any:
-        from mlflow.utils.rest_utils import http_request
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URI (None for ``sqlite://`` in memory)."""
+    path = unquote(urlparse(uri).path)
+    if not path or path == "/":
+        return None
+    # sqlite:///relative/x.db is relative; sqlite:////abs/x.db is absolute (SQLAlchemy's rule).
+    return Path(path[1:]) if path.startswith("/") else Path(path)
 
+
+class Registry:
+    """``MlflowClient`` for the configured registry, each call's errors mapped by type."""
+
+    def __init__(self, uri: str, settings: Settings) -> None:
+        self.uri = uri
+        self.display = redact(uri)
+        self.timeout_s = settings.download_timeout_s
+        self.http = scheme_of(uri) in {"http", "https"}
+        if self.http:
+            from mlflow.utils.credentials import get_default_host_creds
+
+            creds = get_default_host_creds(uri)  # type: ignore[no-untyped-call]
+            register_secret(getattr(creds, "password", None))
+            register_secret(getattr(creds, "token", None))
+        elif scheme_of(uri).startswith("sqlite"):
+            path = sqlite_path(uri)
+            if path is not None and not path.is_file():  # a read must not create an empty registry
+                raise SourceUnavailable(f"no MLflow database at {path} (MLFLOW_TRACKING_URI {self.display})")
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            response = http_request(  # type: ignore[no-untyped-call]
-                self.creds,
-                endpoint,
-                method,
-                max_retries=MLFLOW_MAX_RETRIES,
-                backoff_factor=MLFLOW_BACKOFF_FACTOR,
-                backoff_jitter=0.0,
-                timeout=self.timeout_s,
-                raise_on_status=False,
-                respect_retry_after_header=False,
-                **kwargs,
-            )
+            with warnings.catch_warnings():
+                # get_latest_versions is deprecated with stages, but is what
+                # models:/<name>/<stage> and /latest mean.
+                warnings.simplefilter("ignore", FutureWarning)
+                return getattr(self.client, method)(*args, **kwargs)
         except Exception as exc:
-            raise _transport_error(exc, what, self.display, self.timeout_s) from None
-        if response.status_code != 200:
-            raise self._status_error(response, what)
-        return response
-
-    def json(self, method: str, endpoint: str, what: str, **kwargs: Any) -> dict[str, Any]:
-        response = self.request(method, endpoint, what, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            raise SourceUnavailable(
-                f"{self.display} answered {what} with something that is not JSON"
-            ) from None
-        return body if isinstance(body, dict) else {}
-
-    def _status_error(self, response: Any, what: str) -> LoadError:
-        status = int(response.status_code)
-        code, message = "", ""
-        try:
-            body = response.json()
-            if isinstance(body, dict):
-                code, message = str(body.get("error_code", "")), str(body.get("message", ""))
-        except ValueError:
-            pass
-        response.close()
-        if code == "RESOURCE_DOES_NOT_EXIST" or (code and status == 404):
-            return ModelNotFound(message or f"{what}: not found")
-        if code == "INVALID_PARAMETER_VALUE" and "not found" in message.lower():
-            return ModelNotFound(message)  # e.g. "Registered model alias champion not found."
-        if status in {401, 403} or code in _ACCESS_CODES:
-            return AccessDenied(f"MLflow tracking server {self.display} denied {what}: {message or status}")
-        if status == 404:
-            return SourceUnavailable(
-                f"{self.display} does not look like an MLflow tracking server (404 on {what})"
-            )
-        if status >= 500 or status == 429:
-            return SourceUnavailable(
-                f"MLflow tracking server {self.display} failed on {what}: {status} {message}"
-            )
-        return InvalidUri(f"MLflow rejected {what}: {message or status}")
+            raise mlflow_error(exc, what, self.display, self.timeout_s) from None
 
 
-class ProxiedDir:
-    """A directory of artifacts proxied by an MLflow server (``mlflow-artifacts:``)."""
+class ArtifactDir:
+    """A directory of artifacts the MLflow server proxies (``mlflow-artifacts:``).
 
-    def __init__(self, http: MlflowHttp, path: str) -> None:
-        self.http = http
+    Listed and downloaded by MLflow's own artifact repository for that server
+    (``MlflowArtifactsRepository``: MLflow's credentials, timeout and retries).
+    """
+
+    def __init__(self, repo: Any, server: str, path: str, timeout_s: float) -> None:
+        self.repo = repo
+        self.server = server  # host:port, for messages and cache keys
         self.path = path.strip("/")
+        self.timeout_s = timeout_s
 
     @property
     def location(self) -> str:
-        return f"mlflow-artifacts://{urlparse(self.http.host).netloc}/{self.path}/"
+        return (
+            f"mlflow-artifacts://{self.server}/{self.path}/"
+            if self.path
+            else f"mlflow-artifacts://{self.server}/"
+        )
+
+    def _error(self, exc: BaseException, what: str) -> LoadError:
+        return mlflow_error(exc, what, self.server, self.timeout_s)
 
     def list_files(self, path: str | None = None) -> dict[str, RemoteFile]:
-        path = self.path if path is None else path
-        body = self.http.json("GET", ARTIFACTS_API, f"listing {path or '/'}", params={"path": path})
+        """Files directly under ``path`` (default: this directory), by name."""
+        path = self.path if path is None else path.strip("/")
+        try:
+            infos = self.repo.list_artifacts(path or None)
+        except Exception as exc:
+            raise self._error(exc, f"listing {path or '/'}") from None
         files: dict[str, RemoteFile] = {}
-        for item in body.get("files", []):
-            if not isinstance(item, dict) or item.get("is_dir"):
+        for info in infos:
+            if info.is_dir:
                 continue
-            name = posixpath.basename(str(item.get("path", "")))
+            name = posixpath.basename(str(info.path))
             if name:
-                files[name] = RemoteFile(name=name, size=int(item.get("file_size", 0) or 0))
+                files[name] = RemoteFile(name=name, size=int(info.file_size or 0))
         return files
 
     def stat(self, name: str) -> RemoteFile | None:
         parent, _, base = posixpath.join(self.path, name).rpartition("/")
-        return self.list_files(parent).get(base)
+        file = self.list_files(parent).get(base)
+        return None if file is None else RemoteFile(name=name, size=file.size, version=file.version)
 
     def download(self, file: RemoteFile, dest: Path, meter: DownloadMeter) -> None:
         remote = posixpath.join(self.path, file.name)
-        what = f"downloading {remote}"
-        response = self.http.request("GET", f"{ARTIFACTS_API}/{quote(remote)}", what, stream=True)
+        where = f"{self.location}{file.name}"
+        # MLflow streams the file to disk itself; progress comes from the file's growing size.
+        stop = threading.Event()
+        counted = [0]
+
+        def watch() -> None:
+            while not stop.wait(PROGRESS_POLL_S):
+                try:
+                    size = dest.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if size > counted[0]:
+                    meter.advance(size - counted[0])
+                    counted[0] = size
+
+        watcher = threading.Thread(target=watch, name="mlflow-progress", daemon=True)
+        watcher.start()
         try:
-            with open(dest, "wb") as out:
-                for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
-                    out.write(chunk)
-                    meter.advance(len(chunk))
-                out.flush()
+            # _download_file is the one method every MLflow artifact repository implements;
+            # the public download_artifacts runs it on a pool and loses the exception's type.
+            self.repo._download_file(remote, str(dest))
+            with open(dest, "rb+") as out:
                 os.fsync(out.fileno())
-        except LoadError:
-            raise
         except Exception as exc:
-            local = local_io_error(exc, f"{self.location}{file.name}")
-            if local is not None:
-                raise local from None
-            error = _transport_error(exc, what, self.http.display, self.http.timeout_s)
+            error = self._error(exc, f"downloading {remote}")
             if isinstance(error, SourceUnavailable):
-                error = SourceUnavailable(
-                    f"download of {self.location}{file.name} interrupted: {error.message}"
-                )
+                error = SourceUnavailable(f"download of {where} interrupted: {error.message}")
             raise error from None
         finally:
-            response.close()
+            stop.set()
+            watcher.join()
+        size = dest.stat().st_size
+        if size > counted[0]:
+            meter.advance(size - counted[0])
 
 
 def _join(base: str, path: str) -> str:
@@ -283,98 +358,89 @@ class MlflowSource:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tracking_uri = settings.mlflow_tracking_uri
-        self._registry: MlflowHttp | MlflowStore | None = None
+        self._registry: Registry | None = None
+        configure_mlflow(settings)
 
-    # --- the registry -----------------------------------------------------------------
     @property
-    def registry(self) -> MlflowHttp | MlflowStore:
+    def registry(self) -> Registry:
         if self._registry is None:
-            uri = self.tracking_uri
-            if not uri:
+            if not self.tracking_uri:
                 raise UnsupportedSource(
                     "models:/ and runs:/ URIs need MLFLOW_TRACKING_URI (the MLflow tracking server)"
                 )
-            if scheme_of(uri) in {"http", "https"}:
-                self._registry = MlflowHttp(uri, self.settings.download_timeout_s)
-            else:
-                self._registry = MlflowStore(uri)
+            self._registry = Registry(self.tracking_uri, self.settings)
         return self._registry
 
-    def _version(self, kind: str, name: str, ref: str) -> dict[str, Any]:
+    # --- resolving -------------------------------------------------------------------
+    def _alias(self, name: str, alias: str) -> Any:
+        reg = self.registry
+        what = f"model {name!r} alias {alias!r}"
+        try:
+            return reg.call(what, "get_model_version_by_alias", name, alias)
+        except InvalidUri:
+            # MLflow answers a missing alias with INVALID_PARAMETER_VALUE: look, rather than read
+            # the message, whether the model or the alias is what is missing.
+            model = reg.call(f"registered model {name!r}", "get_registered_model", name)
+            if alias not in (getattr(model, "aliases", None) or {}):
+                raise ModelNotFound(f"alias {alias!r} of registered model {name!r} not found") from None
+            raise
+
+    def _version(self, kind: str, name: str, ref: str) -> Any:
         reg = self.registry
         if kind == "version":
-            body = reg.json(
-                "GET",
-                "/api/2.0/mlflow/model-versions/get",
-                f"model {name!r} version {ref}",
-                params={"name": name, "version": ref},
-            )
-            return dict(body.get("model_version") or {})
+            return reg.call(f"model {name!r} version {ref}", "get_model_version", name, ref)
         if kind == "alias":
-            body = reg.json(
-                "GET",
-                "/api/2.0/mlflow/registered-models/alias",
-                f"model {name!r} alias {ref!r}",
-                params={"name": name, "alias": ref},
-            )
-            return dict(body.get("model_version") or {})
-        request: dict[str, Any] = {"name": name}
-        if kind == "stage":
-            request["stages"] = [ref]
-        body = reg.json(
-            "POST",
-            "/api/2.0/mlflow/registered-models/get-latest-versions",
-            f"latest version of model {name!r}" + (f" in stage {ref!r}" if ref else ""),
-            json=request,
+            return self._alias(name, ref)
+        where = f" in stage {ref!r}" if kind == "stage" else ""
+        versions = reg.call(
+            f"latest version of model {name!r}{where}",
+            "get_latest_versions",
+            name,
+            stages=[ref] if kind == "stage" else None,
         )
-        versions = [v for v in body.get("model_versions", []) if isinstance(v, dict)]
         if kind == "stage":
-            versions = [v for v in versions if str(v.get("current_stage", "")).lower() == ref.lower()]
+            versions = [v for v in versions if str(v.current_stage).lower() == ref.lower()]
         if not versions:
-            where = f" in stage {ref!r}" if kind == "stage" else ""
             raise ModelNotFound(f"registered model {name!r} has no version{where}")
-        return max(versions, key=lambda v: int(v.get("version", 0)))
+        return max(versions, key=lambda v: int(v.version))
 
     def _models_location(self, uri: str) -> str:
         kind, name, ref = parse_models_uri(uri)
         reg = self.registry
         if kind == "logged":
-            body = reg.json("GET", f"/api/2.0/mlflow/logged-models/{quote(name)}", f"logged model {name!r}")
-            info = (body.get("model") or {}).get("info") or {}
-            location = str(info.get("artifact_uri", ""))
+            model = reg.call(f"logged model {name!r}", "get_logged_model", name)
+            location = str(model.artifact_location or "")
             if not location:
                 raise ModelNotFound(f"logged model {name!r} has no artifact location")
             return location
         version = self._version(kind, name, ref)
-        number = str(version.get("version", ref))
-        body = reg.json(
-            "GET",
-            "/api/2.0/mlflow/model-versions/get-download-uri",
-            f"model {name!r} version {number}",
-            params={"name": name, "version": number},
+        number = str(version.version)
+        location = str(
+            reg.call(f"model {name!r} version {number}", "get_model_version_download_uri", name, number)
+            or version.source
+            or ""
         )
-        location = str(body.get("artifact_uri", "")) or str(version.get("source", ""))
         log.info(
             "%s is model %r version %s (run %s) at %s",
             uri,
             name,
             number,
-            version.get("run_id") or "-",
+            version.run_id or "-",
             redact(location),
         )
         return location
 
     def _find_logged_model(self, experiment_id: str, name: str, run_id: str) -> str | None:
-        body = self.registry.json(
-            "POST",
-            "/api/2.0/mlflow/logged-models/search",
+        found = self.registry.call(
             f"logged model {name!r} of run {run_id}",
-            json={"experiment_ids": [experiment_id], "filter": f"name = '{name}'", "max_results": 100},
+            "search_logged_models",
+            experiment_ids=[experiment_id],
+            filter_string=f"name = '{name}'",
+            max_results=100,
         )
-        for model in body.get("models", []):
-            info = (model or {}).get("info") or {}
-            if info.get("source_run_id") == run_id and info.get("artifact_uri"):
-                return str(info["artifact_uri"])
+        for model in found:
+            if model.source_run_id == run_id and model.artifact_location:
+                return str(model.artifact_location)
         return None
 
     # --- fetching ---------------------------------------------------------------------
@@ -394,24 +460,17 @@ class MlflowSource:
 
             endpoint = self.settings.mlflow_s3_endpoint_url
             return fetch_s3(location, source_uri, self.settings, progress, endpoint)
-        if scheme == "mlflow-artifacts":
-            return self._fetch_proxied(location, source_uri, progress)
-        if scheme in {"http", "https"} and ARTIFACTS_API in location:
-            base, _, path = location.partition(ARTIFACTS_API)
-            return self._fetch_dir(
-                ProxiedDir(MlflowHttp(base, self.settings.download_timeout_s), path), source_uri, progress
-            )
+        if scheme == "mlflow-artifacts" or (scheme in {"http", "https"} and ARTIFACTS_API in location):
+            return self._fetch_dir(self._artifact_dir(location), source_uri, progress)
         if scheme in {"", "file"}:
+            # The configured registry's own artifact root: trusted like the registry.
             return replace(LocalSource().fetch(location, progress), source_uri=source_uri)
         return self._fetch_generic(location, source_uri, progress)
 
     def _fetch_run(self, uri: str, source_uri: str, progress: ProgressCallback, depth: int) -> Artifact:
         run_id, path = parse_runs_uri(uri)
-        body = self.registry.json(
-            "GET", "/api/2.0/mlflow/runs/get", f"run {run_id}", params={"run_id": run_id}
-        )
-        info = (body.get("run") or {}).get("info") or {}
-        artifact_uri = str(info.get("artifact_uri", ""))
+        info = self.registry.call(f"run {run_id}", "get_run", run_id).info
+        artifact_uri = str(info.artifact_uri or "")
         try:
             return self._fetch(_join(artifact_uri, path), source_uri, progress, depth)
         except ModelNotFound:
@@ -419,38 +478,45 @@ class MlflowSource:
                 raise
         # MLflow 3 keeps a run's logged models apart from its artifacts.
         name, _, rest = path.partition("/")
-        location = self._find_logged_model(str(info.get("experiment_id", "")), name, run_id)
+        location = self._find_logged_model(str(info.experiment_id or ""), name, run_id)
         if location is None:
             raise ModelNotFound(f"run {run_id} has no artifact {path!r} and logged no model named {name!r}")
         return self._fetch(_join(location, rest), source_uri, progress, depth)
 
-    def _proxied(self, location: str) -> ProxiedDir:
-        parsed = urlparse(location)
-        tracking = urlparse(self.tracking_uri or "")
-        if parsed.netloc:
-            scheme = tracking.scheme if tracking.scheme in {"http", "https"} else "http"
-            base = f"{scheme}://{parsed.netloc}{tracking.path.rstrip('/')}"
-        elif self.tracking_uri and scheme_of(self.tracking_uri) in {"http", "https"}:
-            base = self.registry.host
-        else:
+    def _artifact_dir(self, location: str) -> ArtifactDir:
+        """The proxied directory ``location`` names, after the host policy (before any connection)."""
+        check_mlflow_host(location, self.settings)
+        tracking = self.tracking_uri or ""
+        if scheme_of(tracking) not in {"http", "https"}:
             raise UnsupportedSource(
                 "mlflow-artifacts:/ URIs need an http(s) MLFLOW_TRACKING_URI "
                 "(the MLflow server that proxies them)"
             )
-        known = self._registry
-        http = known if isinstance(known, MlflowHttp) and base == known.host else None
-        return ProxiedDir(http or MlflowHttp(base, self.settings.download_timeout_s), parsed.path)
+        parsed = urlparse(location)
+        if parsed.scheme.lower() in {"http", "https"}:
+            base, _, path = location.partition(ARTIFACTS_API)
+            location = f"mlflow-artifacts://{urlparse(base).netloc}{path or '/'}"
+            parsed = urlparse(location)
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    def _fetch_proxied(self, location: str, source_uri: str, progress: ProgressCallback) -> Artifact:
-        return self._fetch_dir(self._proxied(location), source_uri, progress)
+        # The repository's root is the server's artifact root; paths are relative to it.
+        root = f"mlflow-artifacts://{parsed.netloc}/" if parsed.netloc else "mlflow-artifacts:/"
+        try:
+            repo = get_artifact_repository(root, tracking_uri=tracking)
+        except Exception as exc:
+            raise mlflow_error(
+                exc, "the artifact proxy", redact(tracking), self.settings.download_timeout_s
+            ) from None
+        server = parsed.netloc.rpartition("@")[2] or urlparse(tracking).netloc.rpartition("@")[2]
+        return ArtifactDir(repo, server, unquote(parsed.path), self.settings.download_timeout_s)
 
-    def _fetch_dir(self, directory: ProxiedDir, source_uri: str, progress: ProgressCallback) -> Artifact:
+    def _fetch_dir(self, directory: ArtifactDir, source_uri: str, progress: ProgressCallback) -> Artifact:
         files = directory.list_files()
         if files:
             target = Target(remote=directory, files=files)
         else:  # a single file: list its parent
             parent, _, name = directory.path.rpartition("/")
-            parent_dir = ProxiedDir(directory.http, parent)
+            parent_dir = ArtifactDir(directory.repo, directory.server, parent, directory.timeout_s)
             file = parent_dir.list_files().get(name) if name else None
             if file is None:
                 raise ModelNotFound(f"nothing at {directory.location.rstrip('/')}")

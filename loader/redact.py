@@ -38,6 +38,21 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+def has_credentials(uri: str) -> bool:
+    """True when ``uri`` carries userinfo (``user:pw@``) or a secret-looking query parameter."""
+    return strip_credentials(uri) != uri
+
+
+def strip_credentials(uri: str) -> str:
+    """``uri`` without userinfo and without the values of secret-looking query parameters.
+
+    Applied to every ``registry_uri`` before it is stored, returned, logged or
+    persisted (the coordinator refuses such URIs outright; this is the last line).
+    """
+    uri = _USERINFO.sub(lambda m: m.group("scheme"), uri)
+    return _QUERY_SECRET.sub(lambda m: f"{m.group('key')}{MASK}", uri)
+
+
 def redact(text: str) -> str:
     """``text`` with URL credentials and every registered secret replaced by ``***``."""
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)

@@ -22,6 +22,9 @@ When ``registry_uri`` is omitted the rule is, in order:
 2. ``AWS_S3_BUCKET`` set: ``s3://$AWS_S3_BUCKET/models/<model_id>/<version>/``;
 3. otherwise the local repository: ``$MODEL_SERVER_MODEL_REPOSITORY/<model_id>/<version>/``.
 
+Every URI passes the model-source policy first (``loader.policy``: allowed local
+roots, S3 buckets and MLflow hosts; no credentials inside URIs).
+
 When an MLflow model carries a column-based signature, its column names and
 types define the record schema (``feature_names``/``feature_types``), ahead of
 any ``feature_names`` in the ONNX metadata.
@@ -30,11 +33,14 @@ any ``feature_names`` in the ONNX metadata.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 from ipc.messages import ModelSchema
 from model_server.settings import Settings
 
+from . import policy
 from .artifact import Artifact, ProgressCallback, no_progress
 from .cache import release
 from .errors import UnsupportedSource
@@ -92,7 +98,21 @@ def load_artifact(
 ) -> tuple[Artifact, ModelSchema]:
     """Resolve, fetch and verify; returns the local artifact and its schema (blocking)."""
     uri = registry_uri or default_uri(model_id, version, settings)
-    artifact = source_for(uri, settings).fetch(uri, progress)
+    # Checked here too (the coordinator checks on entry): the fetch must read what was checked.
+    policy.admit(uri, settings)
+    if scheme_of(uri) in {"", "file"}:
+        # Fetch the resolved path, so a symlink swapped after the check changes nothing.
+        resolved = policy.check_local(uri, settings)
+
+        # A directory inside the roots may hold a model.onnx (or name an MLmodel data file)
+        # that links out of them: the file to be served must pass too, before it is read.
+        def check(path: Path) -> None:
+            policy.check_local(str(path), settings)
+
+        source = LocalSource(check=check)
+        artifact = replace(source.fetch(str(resolved), progress), source_uri=uri)
+    else:
+        artifact = source_for(uri, settings).fetch(uri, progress)
     try:
         schema = inspect_model(artifact.path)
     except BaseException:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, exitcodes
+from .rundir import RunDirError, prepare_run_dir
 from .settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"{settings.host}: set MODEL_SERVER_ADMIN_TOKENS or MODEL_SERVER_ADMIN_TOKENS_FILE",
             file=sys.stderr,
         )
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_run_dir(settings.run_dir)
+    except RunDirError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return exitcodes.BOOT_ERROR
     if args.demo:
         from . import demo
 

@@ -15,6 +15,7 @@ from types import FrameType
 from setproctitle import setproctitle
 
 from . import logs
+from .rundir import prepare_run_dir
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,4 +48,4 @@ def start_role(role: str, settings: Settings, title: str | None = None) -> None:
     """Process title and logging for ``role`` (called first thing in each main())."""
     setproctitle(f"model-server: {title or role}")
     logs.configure(role, settings.log_level, settings.log_format)
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(settings.run_dir)  # 0700 and ours, or RunDirError

@@ -103,6 +103,33 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Connect/read timeout for MLflow and S3 requests."
     )
     load_timeout_s: float = Field(600.0, gt=0, description="Longest a model load may take end to end.")
+    mlflow_max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of a failed MLflow request (set as MLflow's own "
+        "`MLFLOW_HTTP_REQUEST_MAX_RETRIES` in the coordinator; `download_timeout_s` becomes "
+        "`MLFLOW_HTTP_REQUEST_TIMEOUT`).",
+    )
+
+    # --- model-source policy (who may make the coordinator read what) ----------
+    allowed_local_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of directories, besides the model repository, that a local `registry_uri` "
+        "(path, `file://`, `~`, relative) may lie under once symlinks are followed; anything else is "
+        "refused with 403 `source_not_allowed`. Empty: the model repository only.",
+    )
+    allowed_s3_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of S3 buckets an `s3://` `registry_uri` may name (`*`: any); others get 403. "
+        "Empty: `AWS_S3_BUCKET` if set, else any.",
+    )
+    allowed_mlflow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of extra MLflow servers (`host:port`) an `mlflow-artifacts://HOST/…` URI may "
+        "name; MLflow credentials are sent to them too. The `MLFLOW_TRACKING_URI` server is always allowed; "
+        "any other host gets 403 before a connection is made.",
+    )
     model_replicas: int = Field(
         0, ge=0, description="Workers that load each model (0: every worker). Per-model `replicas` overrides."
     )
@@ -191,7 +218,15 @@ class Settings(BaseSettings):
         False, description="`/metrics` needs an inference (or admin) token; open by default for scrapers."
     )
 
-    @field_validator("cors_origins", "admin_tokens", "inference_tokens", mode="before")
+    @field_validator(
+        "cors_origins",
+        "admin_tokens",
+        "inference_tokens",
+        "allowed_local_roots",
+        "allowed_s3_buckets",
+        "allowed_mlflow_hosts",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

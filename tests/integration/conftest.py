@@ -39,6 +39,7 @@ def server(repository: Path) -> Iterator[Server]:
         MODEL_SERVER_MODELS_FILE=models_file,
         MODEL_SERVER_CORS_ORIGINS="http://app.example.test",
         MODEL_SERVER_MAX_REQUEST_BYTES=2 * 1024 * 1024,
+        MODEL_SERVER_ALLOWED_LOCAL_ROOTS=repository.parent,  # the session temp dir: tests load from tmp_path
     )
     try:
         srv.start()

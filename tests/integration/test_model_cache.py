@@ -111,7 +111,7 @@ def test_dynamic_batching_merges_concurrent_requests(repository: Path) -> None:
 
 def test_zipmap_classifier_outputs_come_back_as_objects(repository: Path, tmp_path: Path) -> None:
     path = models.sklearn_classifier(tmp_path / "zip" / "model.onnx", ["a", "b"], seed=2, zipmap=True)
-    server = Server(repository, workers=1)
+    server = Server(repository, workers=1, MODEL_SERVER_ALLOWED_LOCAL_ROOTS=tmp_path)
     try:
         server.start()
         c = server.client

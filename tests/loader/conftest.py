@@ -7,6 +7,7 @@ proxied by the server for ``mlflow-artifacts:``) and uploaded to S3 directly.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import onnx
 import pytest
 
 from loader import cache as cache_module
+from loader.mlflow_source import mlflow_environment
 from model_server.settings import Settings
 from tests.services import MlflowServer, MotoServer
 
@@ -153,14 +155,34 @@ def world(
 SettingsFactory = Callable[..., Settings]
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_environment() -> Iterator[None]:
+    """A source sets MLflow's process-wide HTTP variables from its settings (as the coordinator
+    does once): restore them after each test, so one test's 1 s timeout or zero retries cannot
+    reach the next one, nor the session fixtures that log models."""
+    names = list(mlflow_environment(Settings()))
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Iterator[SettingsFactory]:
-    """``make_settings(**fields)``: Settings for one test with its own cache dir and repository."""
+def make_settings(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettingsFactory]:
+    """``make_settings(**fields)``: Settings for one test with its own cache dir and repository.
+
+    Local models may come from anywhere under the session's temporary directory
+    (the policy's own tests pass ``allowed_local_roots`` themselves).
+    """
 
     def make(**fields: object) -> Settings:
         values: dict[str, object] = {
             "cache_dir": tmp_path / "cache",
             "model_repository": tmp_path / "repo",
+            "allowed_local_roots": [tmp_path_factory.getbasetemp()],
             "mlflow_tracking_uri": None,
             "aws_s3_bucket": None,
             "download_timeout_s": 5.0,
