@@ -21,12 +21,13 @@ from ipc import arena, datatypes
 from ipc.messages import ShmRegion, TensorRef
 from model_server import __version__, naming
 from model_server.logs import request_id_var
-from model_server.models_file import ModelsFileError, model_config_from
+from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
+from model_server.naming import version_key
 
 from . import stats
 from .classification import ClassificationError, top_k
 from .compression import decompress_request
-from .coordinator_client import CoordinatorClient, version_key
+from .coordinator_client import CoordinatorClient
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
@@ -400,9 +401,11 @@ async def repository_index(request: Request) -> Response:
     return json_response(items)
 
 
-def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Batching options from load parameters, or from a Triton model config passed as ``config``."""
+def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Batching options from load parameters, or from a Triton model config passed as ``config``,
+    and the name each came by (for an error that names what the client sent)."""
     options = {k: v for k, v in parameters.items() if k not in {"config", "version", "registry_uri"}}
+    names = {k: f"parameters.{k}" for k in options}
     raw = parameters.get("config")
     if raw:
         try:
@@ -411,15 +414,30 @@ def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, "invalid_config", f"parameters.config is not JSON: {exc}") from None
         if not isinstance(config, dict):
             raise ApiError(400, "invalid_config", "parameters.config must be a JSON object")
-        if "max_batch_size" in config:
-            options.setdefault("max_batch_size", config["max_batch_size"])
+        taken: list[tuple[str, dict[str, Any], str, str]] = [
+            ("max_batch_size", config, "max_batch_size", "max_batch_size")
+        ]
         dynamic = config.get("dynamic_batching") or {}
         if isinstance(dynamic, dict):
-            if "max_queue_delay_microseconds" in dynamic:
-                options.setdefault("max_queue_delay_us", dynamic["max_queue_delay_microseconds"])
-            if "preferred_batch_size" in dynamic:
-                options.setdefault("preferred_batch_sizes", dynamic["preferred_batch_size"])
-    return options
+            taken += [
+                (
+                    "max_queue_delay_us",
+                    dynamic,
+                    "max_queue_delay_microseconds",
+                    "dynamic_batching.max_queue_delay_microseconds",
+                ),
+                (
+                    "preferred_batch_sizes",
+                    dynamic,
+                    "preferred_batch_size",
+                    "dynamic_batching.preferred_batch_size",
+                ),
+            ]
+        for option, source, field, shown in taken:
+            if field in source and option not in options:
+                options[option] = source[field]
+                names[option] = f"parameters.config.{shown}"
+    return options, names
 
 
 @router.post("/repository/models/{model}/load", summary="Load a model", responses=V2_ERRORS)
@@ -433,10 +451,17 @@ async def repository_load(model: str, request: Request) -> Response:
     try:
         naming.check_part("model name", model)
         naming.check_part("version", version)
-        config = model_config_from(_load_options(parameters))
+        options, names = _load_options(parameters)
+        config = model_config_from(options, names=names)
     except (naming.InvalidName, ModelsFileError) as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
     registry_uri = parameters.get("registry_uri")
+    if registry_uri is not None and (not isinstance(registry_uri, str) or len(registry_uri) > MAX_URI_LENGTH):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"parameters.registry_uri: must be a string of at most {MAX_URI_LENGTH} characters",
+        )
     entry = await service.load(model, version, str(registry_uri) if registry_uri else None, config)
     return json_response({"name": entry.model_id, "version": entry.version, "state": "READY"})
 
