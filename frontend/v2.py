@@ -104,8 +104,8 @@ async def model_version_stats(model: str, version: str, request: Request) -> Res
 
 async def _stats(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
-    await service.coordinator.refresh()
-    entry = await service.entry(model, version, require_ready=False)
+    entry = await service.entry(model, version, require_ready=False)  # unknown: 404, no table snapshot
+    await service.coordinator.refresh()  # the version list below, as the coordinator has it now
     versions = [version] if version is not None else _versions(service, model) or [entry.version]
     keys = [(entry.model_id, v) for v in versions]
     # Reading every process's metric files is blocking I/O: kept off the event loop.
@@ -150,9 +150,13 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
     # Asked right after an unload made through another frontend process, this process's
-    # snapshot may still say ready; readiness is a control-plane call, so ask the owner.
-    await service.coordinator.refresh()
-    entry = await service.entry(model, version, require_ready=False)
+    # snapshot may still say ready; readiness is a control-plane call, so ask the owner
+    # (for this model only: an unknown name costs no snapshot of the table).
+    reply = await service.coordinator.lookup(model, version)
+    if reply.status != 200 or reply.entry is None:
+        what = f"{model}:{version}" if version else model
+        raise ApiError(404, "model_not_found", f"model {what} is not loaded", {"model_id": model})
+    entry = reply.entry
     ok = entry.state == "ready"
     body = {"name": entry.model_id, "version": entry.version, "ready": ok}
     return json_response(body, 200 if ok else 400)

@@ -79,6 +79,7 @@ def error_message(response: httpx.Response) -> str:
     ("options", "field"),
     [
         ({"max_batch_size": 1e20}, "max_batch_size"),
+        ({"max_batch_size": 10**20}, "max_batch_size"),  # a JSON integer: msgpack overflowed (500)
         ({"max_batch_size": -1}, "max_batch_size"),
         ({"replicas": -1}, "replicas"),
         ({"replicas": 1e20}, "replicas"),
@@ -111,6 +112,8 @@ def test_v1_load_options_out_of_bounds_are_422_naming_the_field(
     [
         (DEMO[0], {"version": DEMO[1], "replicas": -1}, "parameters.replicas"),
         (DEMO[0], {"version": DEMO[1], "max_batch_size": 1e20}, "parameters.max_batch_size"),
+        (DEMO[0], {"version": DEMO[1], "max_batch_size": 10**20}, "parameters.max_batch_size"),
+        (DEMO[0], {"version": DEMO[1], "replicas": 10**20}, "parameters.replicas"),
         (DEMO[0], {"version": DEMO[1], "max_queue_size": -3}, "parameters.max_queue_size"),
         (
             DEMO[0],
