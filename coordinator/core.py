@@ -98,6 +98,7 @@ class LoadJob:
     token: int = 0  # of its Fetch: a result carrying another token is a stale fetch's
     source: str = ""  # remote source of the fetch ("": local, no stall deadline)
     active_at: float = 0.0  # last sign of life of a remote fetch (start, bytes arriving)
+    downloaded: bool = False  # every byte arrived: checksum and ONNX checker run unhurried
 
 
 @dataclass
@@ -500,8 +501,10 @@ class CoordinatorCore:
         if current is None:
             return
         entry, job = current
-        if done > entry.progress.get("bytes", 0.0) or (total and done >= total):
+        if done > entry.progress.get("bytes", 0.0):
             job.active_at = self.clock()
+        if total and done >= total:
+            job.downloaded = True  # what follows is local work (hash, checker), bounded by load_timeout_s
         entry.state = "downloading"
         entry.progress = {
             "bytes": float(done),
@@ -778,7 +781,7 @@ class CoordinatorCore:
         stall = self.settings.download_timeout_s
         for key in list(self.loads):
             job = self.loads[key]
-            if job.fetching and job.source and now - job.active_at > stall:
+            if job.fetching and job.source and not job.downloaded and now - job.active_at > stall:
                 # The fetch thread may still be blocked in the source's client; its late result
                 # carries a token no job has any more and is dropped.
                 del self.loads[key]

@@ -189,6 +189,11 @@ def test_a_remote_fetch_without_progress_fails_504_and_its_late_result_is_droppe
         world.core.on_progress(KEY, done, 1000, 25.0, token=second.token)
         world.core.tick()
     assert world.state() == "downloading" and replies(world.take()) == []
+    # Every byte arrived: verifying a large artifact may take longer than the stall timeout.
+    world.core.on_progress(KEY, 1000, 1000, 25.0, token=second.token)
+    world.clock.now += 30.0
+    world.core.tick()
+    assert world.state() == "downloading" and replies(world.take()) == []
     assert world.core.on_fetched(KEY, "/c/f.onnx", "ab" * 32, 1, SCHEMA, "s3://x", token=second.token)
 
 
