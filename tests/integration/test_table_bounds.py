@@ -28,7 +28,7 @@ FEEDS = {
 }
 MAX_FAILED = 20
 MAX_MODELS = 3
-STALL_S = 10  # MODEL_SERVER_DOWNLOAD_TIMEOUT_S of the hung-source server
+STALL_S = 15  # MODEL_SERVER_DOWNLOAD_TIMEOUT_S of the hung-source server
 
 
 @pytest.fixture(scope="module")
