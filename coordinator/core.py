@@ -11,12 +11,21 @@ A model's life: ``downloading`` (artifact being fetched) -> ``loading``
 ``unloading`` (no new requests; workers drop it once in-flight requests finish)
 -> removed. ``failed`` keeps the reason and the HTTP status that fits it; a new
 load retries.
+
+The table is bounded: at most ``max_models`` entries that are not failed (a load
+past it answers 409), and failed entries expire after ``failed_load_ttl_s`` with
+at most ``max_failed_entries`` kept (oldest dropped first; start-up models are
+kept, they retry). A remote fetch that makes no progress for
+``download_timeout_s`` fails with 504 even if its thread is still blocked in the
+source's client; a late result of that thread is recognised by its token and
+dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +34,7 @@ from ipc.messages import (
     ClientGet,
     ClientIndex,
     ClientLoad,
+    ClientLookup,
     ClientReply,
     ClientRequest,
     ClientShmRegister,
@@ -50,6 +60,7 @@ from loader import policy as loader_policy
 from loader.errors import LoadError
 from loader.redact import strip_credentials
 from model_server import metrics
+from model_server.naming import version_key
 from model_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,6 +98,10 @@ class LoadJob:
     asked: set[int] = field(default_factory=set)
     failures: dict[int, tuple[str, int]] = field(default_factory=dict)
     fetching: bool = True
+    token: int = 0  # of its Fetch: a result carrying another token is a stale fetch's
+    source: str = ""  # remote source of the fetch ("": local, no stall deadline)
+    active_at: float = 0.0  # last sign of life of a remote fetch (start, bytes arriving)
+    downloaded: bool = False  # every byte arrived: checksum and ONNX checker run unhurried
 
 
 @dataclass
@@ -101,6 +116,46 @@ class Fetch:
 
     key: Key
     registry_uri: str | None
+    token: int = field(default=0, compare=False)
+    source: str = field(default="", compare=False)  # "": local (its own pool), else the remote source
+
+
+def fetch_source(registry_uri: str | None, settings: Settings) -> str:
+    """The remote source a fetch talks to ("" for a local path): downloads from one source share
+    its concurrency bound, so one that hangs cannot hold the threads other sources need."""
+    from loader.resolve import scheme_of
+
+    if not registry_uri:  # the default source, as loader.resolve.default_uri picks it
+        if settings.mlflow_tracking_uri:
+            return "mlflow"
+        return f"s3://{settings.aws_s3_bucket}" if settings.aws_s3_bucket else ""
+    uri = registry_uri
+    scheme = scheme_of(uri)
+    if scheme in {"", "file"}:
+        return ""
+    if scheme == "s3":
+        return "s3://" + uri[5:].partition("/")[0]
+    if scheme in {"models", "runs", "mlflow-artifacts"}:
+        return "mlflow"  # one registry, MLFLOW_TRACKING_URI
+    return scheme
+
+
+FAILURE_REASONS = {
+    400: "invalid",
+    403: "denied",
+    404: "not_found",
+    409: "conflict",
+    422: "invalid",
+    502: "source_unavailable",
+    503: "unavailable",
+    504: "timeout",
+    507: "no_room",
+}
+
+
+def failure_reason(status: int) -> str:
+    """A bounded label for a failed load (never the client-chosen model id)."""
+    return FAILURE_REASONS.get(status, "error")
 
 
 class CoordinatorCore:
@@ -115,6 +170,8 @@ class CoordinatorCore:
         self.unloads: dict[Key, UnloadJob] = {}
         self.outbox: list[tuple[Destination, Any]] = []
         self.fetches: list[Fetch] = []
+        self.failed: OrderedDict[Key, float] = OrderedDict()  # failed entries that expire, oldest first
+        self._tokens = 0
         self.epoch = 0
         self.draining = False
         self.load_failures = 0
@@ -214,6 +271,8 @@ class CoordinatorCore:
     def handle_client(self, peer: bytes, msg: ClientRequest) -> None:
         if isinstance(msg, ClientGet):
             self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
+        elif isinstance(msg, ClientLookup):
+            self._client_lookup(peer, msg)
         elif isinstance(msg, ClientLoad):
             self._client_load(peer, msg)
         elif isinstance(msg, ClientUnload):
@@ -226,6 +285,30 @@ class CoordinatorCore:
             self._shm_register(peer, msg)
         elif isinstance(msg, ClientShmUnregister):
             self._shm_unregister(peer, msg)
+
+    def _client_lookup(self, peer: bytes, msg: ClientLookup) -> None:
+        if msg.version:
+            entry = self.models.get((msg.model_id, msg.version))
+        else:
+            # A scan, but of a table bounded by max_models + max_failed_entries.
+            named = [e for (m, _), e in self.models.items() if m == msg.model_id]
+            ready = [e for e in named if e.state == "ready"]
+            entry = (
+                max(ready, key=lambda e: version_key(e.version))
+                if ready
+                else min(named, key=lambda e: version_key(e.version), default=None)
+            )
+        if entry is None:
+            what = f"{msg.model_id}:{msg.version}" if msg.version else msg.model_id
+            self._reply(peer, ClientReply(msg.req, 404, f"model {what} is not loaded", "model_not_found"))
+            return
+        entry = self.entry_out(entry)
+        table = self.snapshot() if entry.state == "ready" else None
+        self._reply(peer, ClientReply(msg.req, 200, entry=entry, table=table))
+
+    def active_models(self) -> int:
+        """Entries that hold (or are about to hold) worker memory: every one but the failed."""
+        return sum(1 for e in self.models.values() if e.state != "failed")
 
     def _shm_register(self, peer: bytes, msg: ClientShmRegister) -> None:
         region = msg.region
@@ -298,6 +381,16 @@ class CoordinatorCore:
                     self.loads[key].waiters.append(waiter)
                 return
         # New load, or a retry of a failed one.
+        if self.active_models() >= self.settings.max_models:
+            message = (
+                f"the server holds {self.settings.max_models} models, its limit "
+                "(MODEL_SERVER_MAX_MODELS): unload one first"
+            )
+            log.warning("load of %s:%s refused: %s", model_id, version, message)
+            if waiter:
+                self._reply(waiter[0], ClientReply(waiter[1], 409, message, "too_many_models"))
+            return
+        self.failed.pop(key, None)
         self.models[key] = ModelEntry(
             model_id=model_id,
             version=version,
@@ -305,11 +398,13 @@ class CoordinatorCore:
             registry_uri=registry_uri or "",
             config=config,
         )
-        job = LoadJob(started=self.clock())
+        self._tokens += 1
+        source = fetch_source(registry_uri, self.settings)
+        job = LoadJob(started=self.clock(), token=self._tokens, source=source, active_at=self.clock())
         if waiter:
             job.waiters.append(waiter)
         self.loads[key] = job
-        self.fetches.append(Fetch(key, registry_uri))
+        self.fetches.append(Fetch(key, registry_uri, self._tokens, source))
         self._changed()
         log.info("loading %s:%s from %s", model_id, version, registry_uri or "the default source")
 
@@ -354,6 +449,7 @@ class CoordinatorCore:
         if job is None or job.asked:
             return
         entry = self.models.pop(key, None)
+        self.failed.pop(key, None)
         del self.unloads[key]
         for worker in self.workers.values():
             worker.models.discard(key)
@@ -409,10 +505,25 @@ class CoordinatorCore:
         self._reply(peer, ClientReply(msg.req, 200, index=[items[k] for k in sorted(items)]))
 
     # ------------------------------------------------------------------ artifacts
-    def on_progress(self, key: Key, done: int, total: int, rate: float) -> None:
+    def _current(self, key: Key, token: int | None) -> tuple[ModelEntry, LoadJob] | None:
+        """The entry and fetching job a fetch result is for; None if it is a stale fetch's."""
         entry = self.models.get(key)
-        if entry is None or key not in self.loads:
+        job = self.loads.get(key)
+        if entry is None or job is None or not job.fetching:
+            return None
+        if token is not None and token != job.token:
+            return None
+        return entry, job
+
+    def on_progress(self, key: Key, done: int, total: int, rate: float, token: int | None = None) -> None:
+        current = self._current(key, token)
+        if current is None:
             return
+        entry, job = current
+        if done > entry.progress.get("bytes", 0.0):
+            job.active_at = self.clock()
+        if total and done >= total:
+            job.downloaded = True  # what follows is local work (hash, checker), bounded by load_timeout_s
         entry.state = "downloading"
         entry.progress = {
             "bytes": float(done),
@@ -422,11 +533,22 @@ class CoordinatorCore:
         }
         self._changed()
 
-    def on_fetched(self, key: Key, path: str, sha256: str, size: int, schema: ModelSchema, uri: str) -> None:
-        entry = self.models.get(key)
-        job = self.loads.get(key)
-        if entry is None or job is None:
-            return  # unloaded while fetching
+    def on_fetched(
+        self,
+        key: Key,
+        path: str,
+        sha256: str,
+        size: int,
+        schema: ModelSchema,
+        uri: str,
+        token: int | None = None,
+    ) -> bool:
+        """Use a fetched artifact; False when nothing waits for it any more (unloaded, timed
+        out, or a stale fetch), so the caller releases it."""
+        current = self._current(key, token)
+        if current is None:
+            return False
+        entry, job = current
         job.fetching = False
         entry.state = "loading"
         entry.path, entry.sha256, entry.size_bytes, entry.schema = path, sha256, size, schema
@@ -436,12 +558,16 @@ class CoordinatorCore:
             job.asked.add(index)
             self._send_worker(index, self._load_message(entry))
         self._changed()
+        return True
 
-    def on_fetch_failed(self, key: Key, status: int, message: str, code: str = "load_failed") -> None:
-        entry = self.models.get(key)
-        job = self.loads.pop(key, None)
-        if entry is None or job is None:
+    def on_fetch_failed(
+        self, key: Key, status: int, message: str, code: str = "load_failed", token: int | None = None
+    ) -> None:
+        current = self._current(key, token)
+        if current is None:
             return
+        entry, job = current
+        del self.loads[key]
         self._fail(entry, job, status, message, code)
 
     def _fail(
@@ -452,7 +578,7 @@ class CoordinatorCore:
         entry.error_status = status
         entry.progress = {}
         self.load_failures += 1
-        metrics.LOAD_FAILURES.labels(entry.model_id).inc()
+        metrics.LOAD_FAILURES.labels(failure_reason(status)).inc()
         log.warning("load of %s:%s failed (%d): %s", entry.model_id, entry.version, status, message)
         for peer, req in job.waiters:
             self._reply(peer, ClientReply(req, status, message, code, entry=entry))
@@ -463,7 +589,25 @@ class CoordinatorCore:
             delay = min(STARTUP_RETRY_MAX_S, STARTUP_RETRY_BASE_S * 2 ** (attempt - 1))
             self.retries[key] = (attempt, self.clock() + delay)
             entry.reason = f"{message} (retry {attempt} in {delay:.0f} s)"
+        else:
+            key = (entry.model_id, entry.version)
+            self.failed.pop(key, None)
+            self.failed[key] = self.clock()
+            self._expire_failed(self.clock())
         self._changed()
+
+    def _expire_failed(self, now: float) -> None:
+        """Drop failed entries past their time to live, and the oldest past the cap."""
+        ttl, cap = self.settings.failed_load_ttl_s, self.settings.max_failed_entries
+        while self.failed:
+            key, failed_at = next(iter(self.failed.items()))
+            if len(self.failed) <= cap and now - failed_at < ttl:
+                break
+            del self.failed[key]
+            entry = self.models.get(key)
+            if entry is not None and entry.state == "failed" and key not in self.loads:
+                del self.models[key]
+                self._changed()
 
     # ------------------------------------------------------------------ workers
     def handle_worker(self, peer: bytes, msg: WorkerToCoordinator) -> None:
@@ -656,8 +800,25 @@ class CoordinatorCore:
                     "worker %d (pid %d) silent for %.1f s: marking it dead", worker.index, worker.pid, timeout
                 )
                 self._mark_dead(worker)
+        self._expire_failed(now)
+        stall = self.settings.download_timeout_s
         for key in list(self.loads):
             job = self.loads[key]
+            if job.fetching and job.source and not job.downloaded and now - job.active_at > stall:
+                # The fetch thread may still be blocked in the source's client; its late result
+                # carries a token no job has any more and is dropped.
+                del self.loads[key]
+                entry = self.models.get(key)
+                if entry is not None:
+                    self._fail(
+                        entry,
+                        job,
+                        504,
+                        f"{job.source} sent nothing for {stall:g} s "
+                        "(it may not answer, or downloads from it are queued; "
+                        "MODEL_SERVER_DOWNLOAD_TIMEOUT_S)",
+                    )
+                continue
             if now - job.started > self.settings.load_timeout_s:
                 del self.loads[key]
                 entry = self.models.get(key)

@@ -4,8 +4,10 @@ Sockets (both owned by the main thread):
 * ROUTER bound at ``coordinator.ipc``: workers and frontends (DEALER) talk to it.
 * PUB bound at ``events.ipc``: table snapshots for the frontends.
 
-Artifact fetches (downloads, checksum, ONNX checker) run on a thread pool;
-their results and progress come back through a queue, and a byte on a pipe
+Artifact fetches (downloads, checksum, ONNX checker) run on threads: local
+artifacts on a pool of their own, remote ones on a ``SourcePool`` bounded per
+source (``coordinator/fetchpool.py``), so a source that hangs cannot delay a
+local load or another source's. Their results and progress come back through a queue, and a byte on a pipe
 wakes the poller, so the loop never blocks on I/O it does not own.
 """
 
@@ -30,6 +32,7 @@ from ipc.messages import (
     ClientGet,
     ClientIndex,
     ClientLoad,
+    ClientLookup,
     ClientShmRegister,
     ClientShmUnregister,
     ClientUnload,
@@ -47,12 +50,14 @@ from model_server.rundir import RunDirError, read_private, write_private
 from model_server.settings import Settings, get_settings
 
 from .core import CoordinatorCore, Fetch, Key
+from .fetchpool import SourcePool
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "coordinator-state.json"
 CLIENT_REQUESTS = (
     ClientLoad,
+    ClientLookup,
     ClientUnload,
     ClientEnsure,
     ClientGet,
@@ -60,7 +65,6 @@ CLIENT_REQUESTS = (
     ClientShmRegister,
     ClientShmUnregister,
 )
-FETCH_THREADS = 4
 PROGRESS_MIN_INTERVAL_S = 0.5
 METRICS_SWEEP_S = 5.0
 
@@ -73,7 +77,10 @@ class CoordinatorProcess:
         self.ctx = zmq.Context()
         self.events: queue.Queue[Callable[[], None]] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
-        self.fetchers = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
+        self.fetchers = ThreadPoolExecutor(
+            max_workers=settings.local_fetch_threads, thread_name_prefix="fetch-local"
+        )
+        self.remote = SourcePool(settings.remote_fetch_threads, settings.remote_fetch_per_source, self._fetch)
         self.state_path = settings.run_dir / STATE_FILE
         # Artifacts load_artifact returned pinned in the cache, by model: released on unload/failure.
         self.artifacts: dict[Key, loader.Artifact] = {}
@@ -85,14 +92,14 @@ class CoordinatorProcess:
         os.write(self._wake_w, b"x")
 
     def _fetch(self, job: Fetch) -> None:
-        key = job.key
+        key, token = job.key, job.token
         last = [0.0]
 
         def progress(p: loader.Progress) -> None:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_MIN_INTERVAL_S or (p.total and p.done >= p.total):
                 last[0] = now
-                self._post(lambda: self.core.on_progress(key, p.done, p.total, p.rate_bps))
+                self._post(lambda: self.core.on_progress(key, p.done, p.total, p.rate_bps, token))
 
         try:
             artifact, schema = loader.load_artifact(key[0], key[1], job.registry_uri, self.settings, progress)
@@ -100,22 +107,25 @@ class CoordinatorProcess:
             status, message = exc.status, exc.message
             # A policy refusal keeps its code (as when refused on entry); other failures stay load_failed.
             code = exc.code if isinstance(exc, SourceNotAllowed) else "load_failed"
-            self._post(lambda: self.core.on_fetch_failed(key, status, message, code))
+            self._post(lambda: self.core.on_fetch_failed(key, status, message, code, token=token))
             return
         except Exception as exc:
             error = redact(f"{type(exc).__name__}: {exc}")
             log.error("fetching %s:%s failed: %s", key[0], key[1], error)
-            self._post(lambda: self.core.on_fetch_failed(key, 500, error))
+            self._post(lambda: self.core.on_fetch_failed(key, 500, error, token=token))
             return
 
         def fetched() -> None:
+            used = self.core.on_fetched(
+                key, str(artifact.path), artifact.sha256, artifact.size, schema, artifact.source_uri, token
+            )
+            if not used:  # unloaded or timed out meanwhile: nobody will release it otherwise
+                loader.release(artifact)
+                return
             previous = self.artifacts.pop(key, None)
             if previous is not None:
                 loader.release(previous)
             self.artifacts[key] = artifact
-            self.core.on_fetched(
-                key, str(artifact.path), artifact.sha256, artifact.size, schema, artifact.source_uri
-            )
 
         self._post(fetched)
 
@@ -202,6 +212,7 @@ class CoordinatorProcess:
                 self._save_state()
         finally:
             self.fetchers.shutdown(wait=False, cancel_futures=True)
+            self.remote.shutdown()
             router.close(linger=endpoints.LINGER_MS)
             pub.close(linger=0)
             self.ctx.term()
@@ -231,8 +242,12 @@ class CoordinatorProcess:
 
     def _flush(self, router: zmq.Socket, pub: zmq.Socket) -> None:  # type: ignore[type-arg]
         for job in self.core.fetches:
-            self.fetchers.submit(self._fetch, job)
+            if job.source:
+                self.remote.submit(job)
+            else:
+                self.fetchers.submit(self._fetch, job)
         self.core.fetches.clear()
+        self.remote.retain({job.token for job in self.core.loads.values() if job.fetching})
         for (kind, target), message in self.core.outbox:
             payload = encode(message)
             try:

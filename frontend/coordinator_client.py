@@ -24,6 +24,7 @@ from ipc.messages import (
     ClientGet,
     ClientIndex,
     ClientLoad,
+    ClientLookup,
     ClientReply,
     ClientShmRegister,
     ClientShmUnregister,
@@ -37,6 +38,7 @@ from ipc.messages import (
     encode,
     table_decoder,
 )
+from model_server.naming import version_key
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class Table:
         self.snapshot = snapshot
         self.received_at = time.monotonic() if snapshot else 0.0
         self.models: dict[Key, ModelEntry] = {}
-        self.latest: dict[str, ModelEntry] = {}
+        self.latest: dict[str, ModelEntry] = {}  # newest ready version per name
+        self.named: dict[str, ModelEntry] = {}  # any version per name (the lowest), for a state to report
         self.workers: dict[int, WorkerState] = {}
         self.regions: dict[str, ShmRegion] = {}
         if snapshot is None:
@@ -62,7 +65,10 @@ class Table:
         self.regions = {r.name: r for r in snapshot.regions}
         for entry in snapshot.models:
             self.models[(entry.model_id, entry.version)] = entry
-        for entry in snapshot.models:
+            # Built once per snapshot so a request naming no version is one dict lookup.
+            known = self.named.get(entry.model_id)
+            if known is None or version_key(entry.version) < version_key(known.version):
+                self.named[entry.model_id] = entry
             if entry.state != "ready":
                 continue
             best = self.latest.get(entry.model_id)
@@ -73,14 +79,6 @@ class Table:
     @property
     def epoch(self) -> int:
         return self.snapshot.epoch if self.snapshot else -1
-
-
-def version_key(version: str) -> tuple[Any, ...]:
-    """Newest version first by number when versions are numeric, else by text."""
-    parts: list[tuple[int, Any]] = []
-    for part in version.replace("-", ".").split("."):
-        parts.append((1, int(part)) if part.isdigit() else (0, part))
-    return tuple(parts)
 
 
 class CoordinatorClient:
@@ -180,6 +178,10 @@ class CoordinatorClient:
 
     async def refresh(self, timeout: float | None = None) -> ClientReply:
         return await self.request(ClientGet, timeout)
+
+    async def lookup(self, model_id: str, version: str | None, timeout: float | None = None) -> ClientReply:
+        """One model's entry from the coordinator (404 without the table when unknown)."""
+        return await self.request(lambda req: ClientLookup(req, model_id, version or ""), timeout)
 
     async def load(
         self, model_id: str, version: str, registry_uri: str | None, config: ModelConfig, timeout: float

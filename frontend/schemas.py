@@ -6,9 +6,18 @@ the hot path (pydantic on megabyte bodies costs more than the model).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from model_server.models_file import (
+    MAX_BATCH_SIZE,
+    MAX_PREFERRED_BATCH_SIZES,
+    MAX_QUEUE_DELAY_US,
+    MAX_QUEUE_SIZE,
+    MAX_REPLICAS,
+    MAX_URI_LENGTH,
+)
 
 
 class ErrorDetail(BaseModel):
@@ -57,17 +66,26 @@ class LoadRequest(BaseModel):
     version: str = Field("1", min_length=1, max_length=128, description="Model version.")
     registry_uri: str | None = Field(
         None,
+        max_length=MAX_URI_LENGTH,
         description="Where the model is: a path, file://, s3://, models:/, runs:/ or mlflow-artifacts:/. "
         "Omitted: MLflow if MLFLOW_TRACKING_URI is set, else s3://$AWS_S3_BUCKET/models/<id>/<version>/, "
         "else the local model repository.",
     )
     max_batch_size: int | None = Field(
-        None, ge=0, description="Rows per merged batch (0: no dynamic batching)."
+        None, ge=0, le=MAX_BATCH_SIZE, description="Rows per merged batch (0: no dynamic batching)."
     )
-    max_queue_delay_us: int | None = Field(None, ge=0, description="Longest wait to fill a batch (µs).")
-    preferred_batch_sizes: list[int] | None = Field(None, description="Batch sizes to cut at when reached.")
-    max_queue_size: int | None = Field(None, ge=1, description="Queued requests before 503 + Retry-After.")
-    replicas: int | None = Field(None, ge=0, description="Workers that load the model (0: all).")
+    max_queue_delay_us: int | None = Field(
+        None, ge=0, le=MAX_QUEUE_DELAY_US, description="Longest wait to fill a batch (µs)."
+    )
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)]] | None = Field(
+        None, max_length=MAX_PREFERRED_BATCH_SIZES, description="Batch sizes to cut at when reached."
+    )
+    max_queue_size: int | None = Field(
+        None, ge=1, le=MAX_QUEUE_SIZE, description="Queued requests before 503 + Retry-After."
+    )
+    replicas: int | None = Field(
+        None, ge=0, le=MAX_REPLICAS, description="Workers that load the model (0: all)."
+    )
     warmup: bool = Field(True, description="Run one inference on zeros before reporting ready.")
 
 

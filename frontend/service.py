@@ -122,17 +122,16 @@ class Service:
         table = self.table
         if version:
             return table.models.get((model_id, version))
-        return table.latest.get(model_id) or next(
-            (e for (m, _), e in sorted(table.models.items()) if m == model_id), None
-        )
+        return table.latest.get(model_id) or table.named.get(model_id)
 
     async def entry(self, model_id: str, version: str | None, *, require_ready: bool = True) -> ModelEntry:
         """The model's entry, or the ApiError that fits its absence or state."""
         entry = self._lookup(model_id, version)
         if entry is None or entry.state != "ready":
-            # Our snapshot may predate a load that just finished: ask once.
-            await self.coordinator.refresh()
-            entry = self._lookup(model_id, version)
+            # Our snapshot may predate a load that just finished: ask once, for this model only
+            # (an unknown name costs the coordinator a dict lookup, not a snapshot of the table).
+            reply = await self.coordinator.lookup(model_id, version)
+            entry = reply.entry if reply.status == 200 else None
         if entry is None:
             what = f"{model_id}:{version}" if version else model_id
             raise ApiError(404, "model_not_found", f"model {what} is not loaded", {"model_id": model_id})

@@ -21,12 +21,13 @@ from ipc import arena, datatypes
 from ipc.messages import ShmRegion, TensorRef
 from model_server import __version__, naming
 from model_server.logs import request_id_var
-from model_server.models_file import ModelsFileError, model_config_from
+from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
+from model_server.naming import version_key
 
 from . import stats
 from .classification import ClassificationError, top_k
 from .compression import decompress_request
-from .coordinator_client import CoordinatorClient, version_key
+from .coordinator_client import CoordinatorClient
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .service import Service, Tracker
@@ -103,8 +104,8 @@ async def model_version_stats(model: str, version: str, request: Request) -> Res
 
 async def _stats(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
-    await service.coordinator.refresh()
-    entry = await service.entry(model, version, require_ready=False)
+    entry = await service.entry(model, version, require_ready=False)  # unknown: 404, no table snapshot
+    await service.coordinator.refresh()  # the version list below, as the coordinator has it now
     versions = [version] if version is not None else _versions(service, model) or [entry.version]
     keys = [(entry.model_id, v) for v in versions]
     # Reading every process's metric files is blocking I/O: kept off the event loop.
@@ -149,9 +150,13 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
     # Asked right after an unload made through another frontend process, this process's
-    # snapshot may still say ready; readiness is a control-plane call, so ask the owner.
-    await service.coordinator.refresh()
-    entry = await service.entry(model, version, require_ready=False)
+    # snapshot may still say ready; readiness is a control-plane call, so ask the owner
+    # (for this model only: an unknown name costs no snapshot of the table).
+    reply = await service.coordinator.lookup(model, version)
+    if reply.status != 200 or reply.entry is None:
+        what = f"{model}:{version}" if version else model
+        raise ApiError(404, "model_not_found", f"model {what} is not loaded", {"model_id": model})
+    entry = reply.entry
     ok = entry.state == "ready"
     body = {"name": entry.model_id, "version": entry.version, "ready": ok}
     return json_response(body, 200 if ok else 400)
@@ -400,9 +405,11 @@ async def repository_index(request: Request) -> Response:
     return json_response(items)
 
 
-def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Batching options from load parameters, or from a Triton model config passed as ``config``."""
+def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Batching options from load parameters, or from a Triton model config passed as ``config``,
+    and the name each came by (for an error that names what the client sent)."""
     options = {k: v for k, v in parameters.items() if k not in {"config", "version", "registry_uri"}}
+    names = {k: f"parameters.{k}" for k in options}
     raw = parameters.get("config")
     if raw:
         try:
@@ -411,15 +418,30 @@ def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, "invalid_config", f"parameters.config is not JSON: {exc}") from None
         if not isinstance(config, dict):
             raise ApiError(400, "invalid_config", "parameters.config must be a JSON object")
-        if "max_batch_size" in config:
-            options.setdefault("max_batch_size", config["max_batch_size"])
+        taken: list[tuple[str, dict[str, Any], str, str]] = [
+            ("max_batch_size", config, "max_batch_size", "max_batch_size")
+        ]
         dynamic = config.get("dynamic_batching") or {}
         if isinstance(dynamic, dict):
-            if "max_queue_delay_microseconds" in dynamic:
-                options.setdefault("max_queue_delay_us", dynamic["max_queue_delay_microseconds"])
-            if "preferred_batch_size" in dynamic:
-                options.setdefault("preferred_batch_sizes", dynamic["preferred_batch_size"])
-    return options
+            taken += [
+                (
+                    "max_queue_delay_us",
+                    dynamic,
+                    "max_queue_delay_microseconds",
+                    "dynamic_batching.max_queue_delay_microseconds",
+                ),
+                (
+                    "preferred_batch_sizes",
+                    dynamic,
+                    "preferred_batch_size",
+                    "dynamic_batching.preferred_batch_size",
+                ),
+            ]
+        for option, source, field, shown in taken:
+            if field in source and option not in options:
+                options[option] = source[field]
+                names[option] = f"parameters.config.{shown}"
+    return options, names
 
 
 @router.post("/repository/models/{model}/load", summary="Load a model", responses=V2_ERRORS)
@@ -433,10 +455,17 @@ async def repository_load(model: str, request: Request) -> Response:
     try:
         naming.check_part("model name", model)
         naming.check_part("version", version)
-        config = model_config_from(_load_options(parameters))
+        options, names = _load_options(parameters)
+        config = model_config_from(options, names=names)
     except (naming.InvalidName, ModelsFileError) as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
     registry_uri = parameters.get("registry_uri")
+    if registry_uri is not None and (not isinstance(registry_uri, str) or len(registry_uri) > MAX_URI_LENGTH):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"parameters.registry_uri: must be a string of at most {MAX_URI_LENGTH} characters",
+        )
     entry = await service.load(model, version, str(registry_uri) if registry_uri else None, config)
     return json_response({"name": entry.model_id, "version": entry.version, "state": "READY"})
 

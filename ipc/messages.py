@@ -267,6 +267,20 @@ class ClientEnsure(msgspec.Struct, tag="c_ensure", array_like=True, gc=False):
     version: str
 
 
+class ClientLookup(msgspec.Struct, tag="c_lookup", array_like=True, gc=False):
+    """One model's entry (``version`` empty: the newest ready version, else any).
+
+    Answered 404 without the table when the model is unknown, so a stream of requests for
+    names that do not exist costs a dictionary lookup, not a snapshot of the whole table;
+    the table comes along only when the model is ready (the asking frontend is about to
+    route to it and its copy may predate the load).
+    """
+
+    req: int
+    model_id: str
+    version: str
+
+
 class ClientGet(msgspec.Struct, tag="c_get", array_like=True, gc=False):
     """Ask for the current table (also the readiness probe's round trip)."""
 
@@ -307,6 +321,7 @@ class RepositoryItem(msgspec.Struct, gc=False, omit_defaults=True):
 
 ClientRequest = (
     ClientLoad
+    | ClientLookup
     | ClientUnload
     | ClientEnsure
     | ClientGet

@@ -21,7 +21,7 @@ model_server_inflight_requests                     gauge      (sum over frontend
 model_server_queued_requests                       gauge      (sum over workers' batch queues)
 model_server_shm_bytes_in_use                      gauge      (sum over frontend arenas)
 model_server_model_load_duration_seconds           histogram  model
-model_server_model_load_failures_total             counter    model
+model_server_model_load_failures_total             counter    reason (not_found, timeout, ...)
 model_server_models                                gauge      state
 model_server_model_memory_bytes                    gauge      model, version
 model_server_model_workers                         gauge      model, version
@@ -104,7 +104,13 @@ LOAD_DURATION = Histogram(
     ["model"],
     buckets=LOAD_BUCKETS,
 )
-LOAD_FAILURES = Counter("model_server_model_load_failures", "Model loads that failed.", ["model"])
+# Labelled by a bounded reason, never by the model: a client may ask for any number of ids that
+# never load, and each would otherwise be a series for ever.
+LOAD_FAILURES = Counter(
+    "model_server_model_load_failures",
+    "Model loads that failed, by reason (not_found, denied, invalid, timeout, source_unavailable, ...).",
+    ["reason"],
+)
 
 
 def multiprocess_dir() -> Path | None:

@@ -100,7 +100,11 @@ class Settings(BaseSettings):
         description="Size bound of the artifact cache (0: none); unused artifacts are evicted first.",
     )
     download_timeout_s: float = Field(
-        60.0, gt=0, description="Connect/read timeout for MLflow and S3 requests."
+        60.0,
+        gt=0,
+        description="Connect/read timeout for MLflow and S3 requests; a remote load that gets no byte "
+        "for this long (a source that accepts and never answers, or a download queued behind a slow "
+        "source) fails with 504.",
     )
     load_timeout_s: float = Field(600.0, gt=0, description="Longest a model load may take end to end.")
     mlflow_max_retries: int = Field(
@@ -132,6 +136,31 @@ class Settings(BaseSettings):
     )
     model_replicas: int = Field(
         0, ge=0, description="Workers that load each model (0: every worker). Per-model `replicas` overrides."
+    )
+    max_models: int = Field(
+        512,
+        ge=1,
+        description="Models (versions) the server holds at once, loading or loaded; a load beyond it "
+        "answers 409 until one is unloaded.",
+    )
+    failed_load_ttl_s: float = Field(
+        300.0, gt=0, description="How long a failed load stays listed (with its reason) before it expires."
+    )
+    max_failed_entries: int = Field(
+        100, ge=0, description="Failed loads kept listed at most; the oldest is dropped first."
+    )
+    local_fetch_threads: int = Field(
+        2, ge=1, le=64, description="Threads that verify local artifacts (never shared with remote sources)."
+    )
+    remote_fetch_threads: int = Field(
+        8, ge=1, le=256, description="Remote downloads (S3, MLflow) that run at once, over all sources."
+    )
+    remote_fetch_per_source: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Remote downloads that run at once from one source (S3 bucket, MLflow registry); "
+        "more wait their turn, so one slow source cannot hold every download thread.",
     )
 
     # --- workers ------------------------------------------------------------------

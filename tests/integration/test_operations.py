@@ -178,7 +178,7 @@ def test_metrics_move_with_requests(repository: Path) -> None:
         assert load == [1]
         ghost = c.post("/v1/models/load", json={"model_id": "ghost", "version": "1"})
         assert ghost.status_code == 404
-        failures = samples(server)[("model_server_model_load_failures_total", (("model", "ghost"),))]
+        failures = samples(server)[("model_server_model_load_failures_total", (("reason", "not_found"),))]
         assert failures == 1
     finally:
         server.stop()

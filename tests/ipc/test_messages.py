@@ -80,6 +80,7 @@ SAMPLES: list[Any] = [
     m.ClientUnload(3, "m", "1"),
     m.ClientEnsure(4, "m", "1"),
     m.ClientGet(5),
+    m.ClientLookup(9, "fraud", ""),
     m.ClientIndex(6),
     REGION,
     m.ClientShmRegister(9, REGION),
