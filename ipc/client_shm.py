@@ -73,8 +73,7 @@ def opened(name: str, offset: int, nbytes: int) -> Iterator[int]:
             raise RegionError(f"shared memory object {name!r} is not owned by the server's user")
         if offset + nbytes > st.st_size:
             raise RegionError(
-                f"range [{offset}, {offset + nbytes}) is outside shared memory object {name!r} "
-                f"of {st.st_size} bytes"
+                f"offset {offset} + size {nbytes} exceeds shared memory object {name!r} of {st.st_size} bytes"
             )
         yield fd
     finally:

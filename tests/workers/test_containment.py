@@ -211,7 +211,7 @@ def test_truncated_client_region_is_bad_input_not_sigbus(world: World, region_na
     os.truncate(SHM_DIR / region_name, 4096)
     reply = _replies(world.engine.submit(b"f1", request))[request.seq]
     assert reply.status == Status.BAD_INPUT
-    assert "outside shared memory object" in reply.error
+    assert "exceeds shared memory object" in reply.error
     # An output region truncated under the worker: an error reply, and nothing written.
     label = [TensorRef("label", "INT64", [4], region_name, 32 * 1024, 512)]
     request, more = world.request(LINEAR, {"x": x}, client_outputs=label)
@@ -233,9 +233,7 @@ def test_directory_in_place_of_a_region_is_bad_input(world: World, region_name: 
     world.free(slots)
 
 
-def test_symlink_in_place_of_a_region_is_not_followed(
-    world: World, region_name: str, tmp_path: Path
-) -> None:
+def test_symlink_in_place_of_a_region_is_not_followed(world: World, region_name: str, tmp_path: Path) -> None:
     world.load(LINEAR, "linear.onnx")
     target = tmp_path / "precious"
     target.write_bytes(b"do not overwrite me" * 20)
