@@ -298,6 +298,15 @@ async def _infer_tracked(
     except ProtocolError as exc:
         raise ApiError(exc.status, "bad_request", exc.message) from None
     inputs: list[InputTensor] = []
+    region_bytes = sum(item.region_size for item in parsed.inputs if item.region is not None)
+    if region_bytes > service.settings.max_request_bytes:
+        # A worker copies region inputs into its own memory: bounded like a body would be.
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"shared-memory inputs of {region_bytes} bytes exceed MODEL_SERVER_MAX_REQUEST_BYTES "
+            f"({service.settings.max_request_bytes})",
+        )
     for item in parsed.inputs:
         if item.region is not None:
             where = f"input '{item.name}'"

@@ -88,11 +88,12 @@ def check(name: str, offset: int, nbytes: int) -> None:
 
 def read(name: str, offset: int, nbytes: int) -> npt.NDArray[np.uint8]:
     """A private copy of ``nbytes`` at ``offset`` of region ``name`` (64-byte aligned memory)."""
-    # Over-allocate to hand ONNX Runtime an aligned buffer whatever the element type.
-    raw = np.empty(nbytes + 64, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64
-    out = raw[start : start + nbytes]
     with opened(name, offset, nbytes) as fd:
+        # Allocated once the file is known to hold the range; over-allocated to hand
+        # ONNX Runtime an aligned buffer whatever the element type.
+        raw = np.empty(nbytes + 64, dtype=np.uint8)
+        start = (-raw.ctypes.data) % 64
+        out = raw[start : start + nbytes]
         done = 0
         view = out.data
         while done < nbytes:

@@ -124,7 +124,8 @@ def _fraud_zero(repo: Path) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, 
 def test_zero_rows_on_v1_answer_zero_rows(srv: Server, repo: Path, workers: dict[str, int]) -> None:
     _, want = _fraud_zero(repo)
     assert all(out.shape[0] == 0 for out in want.values())  # what onnxruntime answers
-    for inputs in ([], {"feature1": [], "feature2": []}):
+    bodies: list[Any] = [[], {"feature1": [], "feature2": []}]  # no records; empty named tensors
+    for inputs in bodies:
         for _ in range(3):
             r = srv.client.post(
                 "/v1/infer", json={"model_id": FRAUD[0], "model_version": FRAUD[1], "inputs": inputs}
@@ -377,6 +378,38 @@ def test_region_truncated_after_registration_is_400_not_sigbus(
             assert r.status_code == 400, r.text
     finally:
         srv.client.post("/v2/systemsharedmemory/region/trunc/unregister")
+    _still_serving(srv, repo, workers)
+
+
+def test_region_inputs_larger_than_a_request_may_be_are_413(
+    srv: Server, repo: Path, shm_path: Path, workers: dict[str, int]
+) -> None:
+    """A sparse region costs the client nothing; the worker's copy of it must be bounded."""
+    rows = 6_000_000  # 72 MB of FP32 [N, 3]: over the 64 MiB MODEL_SERVER_MAX_REQUEST_BYTES default
+    size = rows * 3 * 4
+    with open(shm_path, "wb") as f:
+        f.truncate(size)  # sparse: no page is backed
+    assert _register(srv, "sparse", "/" + shm_path.name, size).status_code == 200
+    try:
+        r = _infer_from_region(srv, "sparse", np.zeros((0, 3), dtype=np.float32))
+        assert r.status_code == 200, r.text  # zero rows of it are fine
+        r = srv.client.post(
+            "/v2/models/linear/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [rows, 3],
+                        "parameters": {"shared_memory_region": "sparse", "shared_memory_byte_size": size},
+                    }
+                ]
+            },
+        )
+        assert r.status_code == 413, r.text
+        assert "MODEL_SERVER_MAX_REQUEST_BYTES" in r.json()["error"]
+    finally:
+        srv.client.post("/v2/systemsharedmemory/region/sparse/unregister")
     _still_serving(srv, repo, workers)
 
 
