@@ -262,7 +262,8 @@ class SegmentCache:
     Names under ``trusted_prefix`` are the server's own and unique per creator.
     Any other name is a client's region, which a client may unlink and re-create
     under the same name: those are re-checked by inode on every use, so a stale
-    mapping never receives a tensor meant for the new object.
+    mapping never receives a tensor meant for the new object. (The worker's Engine
+    does not map client regions at all: it copies them through ``ipc.client_shm``.)
     """
 
     def __init__(self, trusted_prefix: str = "msrv_") -> None:

@@ -5,9 +5,15 @@ decoded ``InferRequest`` messages with an opaque ``peer`` (the frontend's
 routing id) and sends back whatever ``(peer, InferReply)`` pairs it returns.
 
 Inputs are numpy views over the frontend's arena (no copy) unless requests are
-merged into one batch. Outputs are copied once, from ONNX Runtime's arrays
-into the request's output slot, a client's registered region, or a spill
-segment when the slot is too small (see ``ipc.arena`` for who owns what).
+merged into one batch; a client's registered region (V2 shm) is never mapped but
+copied in and out with pread/pwrite (``ipc.client_shm``), so a client that
+truncates it cannot raise SIGBUS here. No request can take the worker down:
+every failure while decoding, running or encoding one becomes its error reply,
+and a merged batch that fails is retried one request at a time.
+
+Outputs are copied once, from ONNX Runtime's arrays into the request's output
+slot, a client's registered region, or a spill segment when the slot is too
+small (see ``ipc.arena`` for who owns what).
 """
 
 from __future__ import annotations
@@ -243,18 +249,14 @@ class Engine:
                 results = [to_tensor(r) for r in model.runner.run(feeds, first.output_names or None)]
                 finished = time.monotonic_ns()
             except (InputError, SegmentError) as exc:
-                if len(live) > 1 and len(live_feeds) == len(live):
+                if len(live) > 1:
                     # One bad request must not fail its batch-mates: run them one by one.
                     return out + self._run_each(live, live_feeds)
-                if len(live) > 1:
-                    return out + [
-                        (j.peer, InferReply(j.request.seq, Status.BAD_INPUT, str(exc))) for j in live
-                    ]
                 log.info("rejected input for %s:%s: %s", first.model_id, first.version, exc)
                 return [*out, (live[0].peer, InferReply(live[0].request.seq, Status.BAD_INPUT, str(exc)))]
             except Exception as exc:
                 # RunError (onnxruntime refused a valid-looking input) or anything unexpected.
-                if len(live) > 1 and len(live_feeds) == len(live):
+                if len(live) > 1:
                     # The batch failed: retry its requests one by one, so only the culprit fails.
                     return out + self._run_each(live, live_feeds)
                 return out + [(j.peer, _internal(j.request, exc)) for j in live]
