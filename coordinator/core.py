@@ -320,6 +320,20 @@ class CoordinatorCore:
                 ),
             )
             return
+        if len(self.regions) >= self.settings.max_shm_regions:
+            # Each region is a row every frontend and worker keeps: a client cannot grow it without bound.
+            limit = self.settings.max_shm_regions
+            self._reply(
+                peer,
+                ClientReply(
+                    msg.req,
+                    400,
+                    f"{limit} shared memory regions are registered, the most allowed "
+                    "(MODEL_SERVER_MAX_SHM_REGIONS): unregister one first",
+                    "too_many_regions",
+                ),
+            )
+            return
         self.regions[region.name] = region
         self._changed()
         self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))

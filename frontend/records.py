@@ -109,9 +109,22 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str) -> None:
             )
 
 
+def _zero_rows(spec: TensorSpec, trailing_unknown: int = 1) -> Array:
+    """An empty batch of ``spec``: zero rows are valid and answer zero rows, as in ONNX Runtime."""
+    if not spec.shape or spec.shape[0] >= 0:
+        raise PayloadError(f"input {spec.name!r} has no variable batch dimension: send at least one row")
+    trailing = [d if d >= 0 else trailing_unknown for d in spec.shape[1:]]
+    if spec.datatype == "BYTES":
+        return np.empty((0, *trailing), dtype=object)
+    return np.empty((0, *trailing), dtype=datatypes.numpy_dtype(spec.datatype))
+
+
 def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Array]:
     if not records:
-        raise PayloadError("inputs is empty: send at least one record")
+        # No records: a zero-row batch of every input (columns of a [N, F] input from feature_names).
+        width = len(schema.feature_names or ()) or 1
+        unknown = width if len(schema.inputs) == 1 and len(schema.inputs[0].shape) == 2 else 1
+        return {spec.name: _zero_rows(spec, unknown) for spec in schema.inputs}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise PayloadError(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
@@ -200,6 +213,8 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
     tensors: dict[str, Array] = {}
     for name, spec in specs.items():
         arr = coerce(named[name], spec.datatype, f"input {name!r}")
+        if arr.shape == (0,) and len(spec.shape) > 1:
+            arr = _zero_rows(spec)  # ``[]``: zero rows of whatever each row's shape is
         _check_shape(spec, arr.shape, f"input {name!r}")
         tensors[name] = arr
     return tensors

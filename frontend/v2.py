@@ -9,15 +9,15 @@ model repository, statistics (``frontend/stats.py``), and (when
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ipc import arena, datatypes
+from ipc import client_shm, datatypes
 from ipc.messages import ShmRegion, TensorRef
 from model_server import __version__, naming
 from model_server.logs import request_id_var
@@ -303,6 +303,15 @@ async def _infer_tracked(
     except ProtocolError as exc:
         raise ApiError(exc.status, "bad_request", exc.message) from None
     inputs: list[InputTensor] = []
+    region_bytes = sum(item.region_size for item in parsed.inputs if item.region is not None)
+    if region_bytes > service.settings.max_request_bytes:
+        # A worker copies region inputs into its own memory: bounded like a body would be.
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"shared-memory inputs of {region_bytes} bytes exceed MODEL_SERVER_MAX_REQUEST_BYTES "
+            f"({service.settings.max_request_bytes})",
+        )
     for item in parsed.inputs:
         if item.region is not None:
             where = f"input '{item.name}'"
@@ -505,35 +514,36 @@ def _require_shm(service: Service) -> None:
         )
 
 
+class _RegisterBody(msgspec.Struct, forbid_unknown_fields=False):
+    """Triton's register body; strict, so ``"offset": true`` or ``"byte_size": 1.5`` is a 400."""
+
+    key: str
+    byte_size: int
+    offset: int = 0
+
+
 @router.post("/systemsharedmemory/region/{name}/register", summary="Register a shared-memory region")
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
-    body = await _json_body(request)
-    key = body.get("key")
-    offset = body.get("offset", 0)
-    size = body.get("byte_size")
-    if not isinstance(key, str) or not key:
-        raise ApiError(400, "bad_region", "register needs a 'key' (the shm object name)")
-    if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size <= 0:
-        raise ApiError(400, "bad_region", "'offset' must be >= 0 and 'byte_size' > 0 (integers)")
-    object_name = key[1:] if key.startswith("/") else key
+    limit = service.settings.max_shm_name_length
+    if not name or len(name) > limit:
+        raise ApiError(400, "bad_region", f"shared memory region name must be 1 to {limit} characters")
     try:
-        arena.check_name(object_name)
-        stat = os.stat(arena.SHM_DIR / object_name)
-    except arena.SegmentError:
-        raise ApiError(400, "bad_region", f"invalid shared memory key {key!r}") from None
-    except FileNotFoundError:
-        raise ApiError(400, "bad_region", f"shared memory object {key!r} does not exist") from None
-    if object_name.startswith("msrv_"):
-        raise ApiError(400, "bad_region", f"{key!r} belongs to the server")
-    if offset + size > stat.st_size:
-        raise ApiError(
-            400,
-            "bad_region",
-            f"offset {offset} + byte_size {size} exceeds shared memory object {key!r} "
-            f"of {stat.st_size} bytes",
-        )
+        body = msgspec.convert(await _json_body(request), _RegisterBody, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "bad_region", f"register body: {exc}") from None
+    key, offset, size = body.key, body.offset, body.byte_size
+    if offset < 0 or size <= 0:
+        raise ApiError(400, "bad_region", "'offset' must be >= 0 and 'byte_size' > 0 (integers)")
+    try:
+        object_name = client_shm.object_name(key, limit)
+        if object_name.startswith("msrv_"):
+            raise ApiError(400, "bad_region", f"{key!r} belongs to the server")
+        # The checks every worker repeats on every use: a regular file of ours, no link, long enough.
+        client_shm.check(object_name, offset, size)
+    except client_shm.RegionError as exc:
+        raise ApiError(400, "bad_region", str(exc)) from None
     reply = await service.coordinator.register_region(ShmRegion(name, object_name, offset, size))
     if reply.status != 200:
         raise ApiError(reply.status, reply.code or "bad_region", reply.error)

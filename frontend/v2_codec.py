@@ -124,7 +124,7 @@ def json_array(data: Any, datatype: str, shape: list[int], where: str) -> Array:
         raise ProtocolError(f"{where}: {size} values do not fill shape {shape} ({count} elements)")
     kind = probe.dtype.kind
     if datatype == "BOOL":
-        if kind != "b":
+        if kind != "b" and probe.size:  # [] parses as float64: zero elements of any type are valid
             raise ProtocolError(f"{where}: BOOL data must be true/false")
     elif kind not in "iuf":
         # Strings, nulls, booleans (kind "b") or a mix: not numbers.

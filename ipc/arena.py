@@ -37,6 +37,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import numpy.typing as npt
@@ -113,11 +114,16 @@ class Segment:
     def attach(cls, name: str) -> Segment:
         check_name(name)
         try:
-            fd = os.open(SHM_DIR / name, os.O_RDWR)
+            # Never follow a link planted under /dev/shm; never leak the descriptor into a child.
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SegmentError(f"shared-memory region {name!r} does not exist") from None
+        except OSError as exc:
+            raise SegmentError(f"shared-memory region {name!r} cannot be opened: {exc.strerror}") from None
         try:
             stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):
+                raise SegmentError(f"shared-memory region {name!r} is not a regular file")
             if stat.st_size == 0:
                 raise SegmentError(f"shared-memory region {name!r} is empty")
             mm = mmap.mmap(fd, stat.st_size)
@@ -256,7 +262,8 @@ class SegmentCache:
     Names under ``trusted_prefix`` are the server's own and unique per creator.
     Any other name is a client's region, which a client may unlink and re-create
     under the same name: those are re-checked by inode on every use, so a stale
-    mapping never receives a tensor meant for the new object.
+    mapping never receives a tensor meant for the new object. (The worker's Engine
+    does not map client regions at all: it copies them through ``ipc.client_shm``.)
     """
 
     def __init__(self, trusted_prefix: str = "msrv_") -> None:

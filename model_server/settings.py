@@ -215,6 +215,17 @@ class Settings(BaseSettings):
     allow_client_shm: bool = Field(
         False, description="Allow clients to register system shared-memory regions (V2 extension)."
     )
+    max_shm_regions: int = Field(
+        64,
+        ge=0,
+        description="Most client shared-memory regions registered at once, server-wide (V2 extension).",
+    )
+    max_shm_name_length: int = Field(
+        128,
+        ge=1,
+        le=255,
+        description="Longest client shared-memory region name and key, in characters (V2 extension).",
+    )
     drain_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish before workers stop."
     )

@@ -5,14 +5,22 @@ decoded ``InferRequest`` messages with an opaque ``peer`` (the frontend's
 routing id) and sends back whatever ``(peer, InferReply)`` pairs it returns.
 
 Inputs are numpy views over the frontend's arena (no copy) unless requests are
-merged into one batch. Outputs are copied once, from ONNX Runtime's arrays
-into the request's output slot, a client's registered region, or a spill
-segment when the slot is too small (see ``ipc.arena`` for who owns what).
+merged into one batch; a client's registered region (V2 shm) is never mapped but
+copied in and out with pread/pwrite (``ipc.client_shm``), so a client that
+truncates it cannot raise SIGBUS here. No request can take the worker down:
+every failure while decoding, running or encoding one becomes its error reply,
+and a merged batch that fails is retried one request at a time.
+
+Outputs are copied once, from ONNX Runtime's arrays into the request's output
+slot, a client's registered region, or a spill segment when the slot is too
+small (see ``ipc.arena`` for who owns what).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ipc import datatypes
-from ipc.arena import ALIGNMENT, SegmentCache, SegmentError, SpillWriter
+from ipc import client_shm, datatypes
+from ipc.arena import ALIGNMENT, SHM_DIR, SegmentCache, SegmentError, SpillWriter
 from ipc.messages import BatchConfig, InferReply, InferRequest, ModelSchema, Status, TensorRef
 from model_server import metrics
 from model_server.logs import request_id_var
@@ -92,7 +100,17 @@ class Engine:
 
     # --- entry points ------------------------------------------------------------------
     def submit(self, peer: Peer, request: InferRequest, now_ns: int | None = None) -> Out:
-        """Take one request: answer it now, or queue it for a merged batch."""
+        """Take one request: answer it now, or queue it for a merged batch.
+
+        Never raises: whatever goes wrong with one request becomes its error reply,
+        so no request can take the worker (and every other request on it) down.
+        """
+        try:
+            return self._submit(peer, request, now_ns)
+        except Exception as exc:
+            return [(peer, _internal(request, exc))]
+
+    def _submit(self, peer: Peer, request: InferRequest, now_ns: int | None) -> Out:
         now_ns = now_ns if now_ns is not None else time.monotonic_ns()
         if now_ns > request.deadline_ns:
             return [
@@ -113,6 +131,9 @@ class Engine:
         except (InputError, SegmentError) as exc:
             self.cache.release(entry)
             return [(peer, InferReply(request.seq, Status.BAD_INPUT, str(exc)))]
+        except Exception as exc:
+            self.cache.release(entry)
+            return [(peer, _internal(request, exc))]
         queue = self.queues.get(key)
         if queue is None or queue.policy != policy:
             queue = self.queues[key] = ModelQueue(policy)
@@ -121,7 +142,8 @@ class Engine:
             return [(peer, InferReply(request.seq, Status.QUEUE_FULL, f"queue of {key[0]}:{key[1]} is full"))]
         rows = rows_of(feeds)
         if rows < 1:
-            return self._run([job])
+            # Zero rows (or inputs that disagree on them) run alone: nothing to merge.
+            return self._run([job], [feeds])
         queue.pending.append(Pending(job, feeds, rows, now_ns, signature_of(feeds, request.output_names)))
         return self.flush(now_ns) if queue.ready(now_ns) else []
 
@@ -133,7 +155,12 @@ class Engine:
             queue = self.queues[key]
             while queue.pending and (force or queue.ready(now_ns)):
                 batch = queue.take()
-                out.extend(self._run([p.item for p in batch], [p.feeds for p in batch]))
+                jobs = [p.item for p in batch]
+                try:
+                    out.extend(self._run(jobs, [p.feeds for p in batch]))
+                except Exception as exc:
+                    # _run contains its own failures; this is the last guard: fail this batch only.
+                    out.extend((job.peer, _internal(job.request, exc)) for job in jobs)
             if not queue.pending:
                 del self.queues[key]
         return out
@@ -153,8 +180,16 @@ class Engine:
             feeds[ref.name] = self._input_array(ref)
         return feeds
 
+    def _client_region(self, segment: str) -> bool:
+        """A client's registered region (V2 shm), as opposed to the server's own segments."""
+        return not segment.startswith(self.segments.trusted_prefix)
+
     def _input_array(self, ref: TensorRef) -> Array:
-        view = self.segments.view(ref.segment, ref.offset, ref.nbytes)
+        if self._client_region(ref.segment):
+            # Copied out, never mapped: see ipc.client_shm (a truncated region cannot SIGBUS us).
+            view = client_shm.read(ref.segment, ref.offset, ref.nbytes).data
+        else:
+            view = self.segments.view(ref.segment, ref.offset, ref.nbytes)
         count = 1
         for dim in ref.shape:
             if dim < 0:
@@ -219,11 +254,12 @@ class Engine:
                     return out + self._run_each(live, live_feeds)
                 log.info("rejected input for %s:%s: %s", first.model_id, first.version, exc)
                 return [*out, (live[0].peer, InferReply(live[0].request.seq, Status.BAD_INPUT, str(exc)))]
-            except RunError as exc:
+            except Exception as exc:
+                # RunError (onnxruntime refused a valid-looking input) or anything unexpected.
                 if len(live) > 1:
+                    # The batch failed: retry its requests one by one, so only the culprit fails.
                     return out + self._run_each(live, live_feeds)
-                log.error("inference failed: %s", exc)
-                return [*out, (live[0].peer, InferReply(live[0].request.seq, Status.INTERNAL, str(exc)))]
+                return out + [(j.peer, _internal(j.request, exc)) for j in live]
             names = first.output_names or model.runner.output_names
             rows = [rows_of(f) for f in live_feeds]
             if len(live) == 1:
@@ -253,7 +289,10 @@ class Engine:
                 )
             self.executed_batches[total_rows] = self.executed_batches.get(total_rows, 0) + 1
             for job, arrays in zip(live, per_job, strict=True):
-                reply = self._write_outputs(job.request, names, arrays)
+                try:
+                    reply = self._write_outputs(job.request, names, arrays)
+                except Exception as exc:
+                    reply = _internal(job.request, exc)
                 reply.queue_us = (started - job.arrival_ns) // 1000
                 reply.compute_us = (finished - started) // 1000
                 reply.batch_rows = total_rows
@@ -282,7 +321,8 @@ class Engine:
             if datatype == "BYTES":
                 raw = memoryview(datatypes.serialize_bytes(arr))
             else:
-                raw = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]
+                # Flat bytes via a uint8 view: memoryview.cast refuses zero-row arrays.
+                raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
             encoded.append((name, datatype, list(arr.shape), raw))
         client = {ref.name: ref for ref in request.client_outputs}
         refs: list[TensorRef] = []
@@ -309,7 +349,10 @@ class Engine:
                             f"{target.segment!r} holds {target.nbytes}",
                             spill=spill_name,  # the frontend owns (and unlinks) it all the same
                         )
-                    self.segments.view(target.segment, target.offset, len(raw))[:] = raw
+                    if self._client_region(target.segment):
+                        client_shm.write(target.segment, target.offset, raw)
+                    else:
+                        self.segments.view(target.segment, target.offset, len(raw))[:] = raw
                     refs.append(TensorRef(name, datatype, shape, target.segment, target.offset, len(raw)))
                     continue
                 self.segments.view(segment, offset, len(raw))[:] = raw
@@ -317,8 +360,32 @@ class Engine:
                 offset += _align(len(raw))
         except SegmentError as exc:
             return InferReply(request.seq, Status.OUTPUT_REGION, str(exc), spill=spill_name)
+        except Exception:
+            if spill_name:
+                # No reply will hand the spill over: it is still ours to remove.
+                with contextlib.suppress(OSError):
+                    os.unlink(SHM_DIR / spill_name)
+            raise
         finally:
             if spill_name:
                 # The frontend owns the spill from here; we only drop our mapping.
                 self.segments.forget(spill_name)
         return InferReply(request.seq, Status.OK, outputs=refs, spill=spill_name)
+
+
+def _internal(request: InferRequest, exc: Exception) -> InferReply:
+    """The reply for an unexpected failure of one request: logged with its id, the worker goes on."""
+    token = request_id_var.set(request.trace_id)
+    try:
+        log.error(
+            "request %s for %s:%s failed: %s",
+            request.trace_id,
+            request.model_id,
+            request.version,
+            exc,
+            exc_info=not isinstance(exc, RunError),
+        )
+    finally:
+        request_id_var.reset(token)
+    message = str(exc) if isinstance(exc, RunError) else f"inference failed: {type(exc).__name__}"
+    return InferReply(request.seq, Status.INTERNAL, message)

@@ -661,6 +661,20 @@ def test_shared_memory_registry(world: World) -> None:
     assert world.core.snapshot().regions == []
 
 
+def test_shared_memory_registrations_are_capped(tmp_path: Path) -> None:
+    world = World(tmp_path, max_shm_regions=2)
+    for i in range(2):
+        world.core.handle_client(CLIENT, ClientShmRegister(i, ShmRegion(f"r{i}", f"client_r{i}", 0, 64)))
+    world.core.handle_client(CLIENT, ClientShmRegister(9, ShmRegion("r2", "client_r2", 0, 64)))
+    statuses = [(reply.status, reply.code) for _, reply in replies(world.take())]
+    assert statuses == [(200, ""), (200, ""), (400, "too_many_regions")]
+    assert [r.name for r in world.core.snapshot().regions] == ["r0", "r1"]
+    # Room again once one is unregistered.
+    world.core.handle_client(CLIENT, ClientShmUnregister(10, "r0"))
+    world.core.handle_client(CLIENT, ClientShmRegister(11, ShmRegion("r2", "client_r2", 0, 64)))
+    assert [r.name for r in world.core.snapshot().regions] == ["r1", "r2"]
+
+
 def test_desired_models(world: World) -> None:
     world.hello(0)
     world.ready_model(config=ModelConfig(startup=True))

@@ -195,12 +195,33 @@ def test_matrix_metadata_width_mismatch() -> None:
 
 @pytest.mark.parametrize(
     ("records", "fragment"),
-    [([], "inputs is empty"), ([{"amount": 1}, [1, 2]], "inputs[1] is list, expected an object")],
+    [([{"amount": 1}, [1, 2]], "inputs[1] is list, expected an object")],
 )
 def test_malformed_record_lists(records: list[Any], fragment: str) -> None:
     with pytest.raises(PayloadError) as info:
         records_to_tensors(records, _matrix_schema())
     assert fragment in info.value.message
+
+
+@pytest.mark.parametrize("model", ["multi.onnx", "linear.onnx", "credit.onnx"])
+def test_no_records_and_empty_named_tensors_are_zero_rows_onnxruntime_runs(
+    model_dir: Path, model: str
+) -> None:
+    """Zero rows are a valid batch: the tensors built run in onnxruntime and answer zero rows."""
+    schema = inspect_model(model_dir / model)
+    for tensors in (
+        records_to_tensors([], schema),
+        named_to_tensors({spec.name: [] for spec in schema.inputs}, schema),
+    ):
+        assert {name: arr.shape[0] for name, arr in tensors.items()} == {s.name: 0 for s in schema.inputs}
+        outputs = ort_run(model_dir / model, tensors)
+        assert all(out.shape[0] == 0 for out in outputs.values())
+
+
+def test_no_records_for_a_model_without_a_batch_dimension() -> None:
+    schema = ModelSchema(inputs=[TensorSpec("x", "FP32", [2, 3])], outputs=[TensorSpec("y", "FP32", [2])])
+    with pytest.raises(PayloadError, match="no variable batch dimension"):
+        records_to_tensors([], schema)
 
 
 # ----------------------------------------------------------------------------- named tensors and coerce

@@ -212,8 +212,8 @@ def test_error_statuses_and_shape(server: Server, repository: Path, tmp_path: Pa
     assert r.status_code == 422 and "feature1" in r.json()["error"]["message"]
     r = infer({"feature1": [[1.0, 2.0]], "feature2": [[1.0]]})
     assert r.status_code == 422 and "shape" in r.json()["error"]["message"]
-    r = infer([])
-    assert r.status_code == 422
+    r = infer([])  # no records: a zero-row batch, answered with zero output records (issue 10)
+    assert r.status_code == 200 and r.json()["outputs"] == []
     r = c.post("/v1/infer", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
     r = c.post("/v1/infer", json={"model_version": "1", "inputs": SEED_RECORDS})
