@@ -54,6 +54,7 @@ def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
     class EdgeHttpProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
+        _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -64,6 +65,8 @@ def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # headers refused: read and dropped until the connection closes
             super().data_received(data)
             # Still inside a request's headers after this chunk: count it towards their bound.
             if self._header_timer is not None and not self.transport.is_closing():
@@ -106,6 +109,7 @@ def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
 
         def _refuse_headers(self) -> None:
             self._disarm()
+            self._refused = True
             message = f"request headers exceed MODEL_SERVER_MAX_HEADER_BYTES={max_header_bytes}"
             body: object = {"error": message}
             if not getattr(self, "url", b"").startswith(b"/v2"):
@@ -118,6 +122,11 @@ def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
                 b"content-length: " + str(len(payload)).encode() + b"\r\n"
                 b"connection: close\r\n\r\n" + payload
             )
-            self.transport.close()
+            # A lingering close: closing with unread bytes would reset the connection and could
+            # destroy the answer before the client reads it. Half-close, drop what still comes,
+            # and close when the client does or one more header timeout has passed.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
 
     return EdgeHttpProtocol

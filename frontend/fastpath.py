@@ -25,6 +25,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ipc.arena import ALIGNMENT, Arena
+from model_server.settings import Settings
 
 from .compression import compress_response, decompress_request
 from .dispatcher import BodyLease, DispatchError
@@ -63,8 +64,8 @@ class InferenceFastPath:
         lease: BodyLease | None = None
         try:
             if protocol == "v1":
-                _refuse_long_json(service, scope)
-                raw = await _read_body(receive)
+                plain = _plain_json(service, scope)
+                raw = await _read_body(receive, service.settings if plain else None)
                 limit = service.settings.max_request_bytes
                 response = await infer_v1(
                     service, bytes(decompress_request(Headers(scope=scope), raw, limit))
@@ -72,15 +73,14 @@ class InferenceFastPath:
             else:
                 assert model is not None
                 headers = Headers(scope=scope)
-                if HEADER_LENGTH not in headers:
-                    _refuse_long_json(service, scope)
+                plain = HEADER_LENGTH not in headers and _plain_json(service, scope)
                 sizes = _binary_sizes(service, headers)
                 if sizes is not None:
                     # Before anything is reserved or read: 404/409/503 for a model not ready.
                     await service.entry(model, unquote(version) if version else None)
                     lease = self._lease_for(service, *sizes)
                 if lease is None:
-                    body: bytes | memoryview = await _read_body(receive)
+                    body: bytes | memoryview = await _read_body(receive, service.settings if plain else None)
                 else:
                     self.pending_body_bytes += lease.slot.size
                     try:
@@ -142,8 +142,9 @@ def _binary_sizes(service: Service, headers: Headers) -> tuple[int, int] | None:
     return size, header_size
 
 
-def _refuse_long_json(service: Service, scope: Scope) -> None:
-    """413 before reading a plain JSON body announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES.
+def _plain_json(service: Service, scope: Scope) -> bool:
+    """Whether a JSON body is not compressed (its size is then bounded while it is read), after
+    a 413 for one announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES, before it is read.
 
     Compressed bodies are checked by the handler once inflated.
     """
@@ -152,9 +153,10 @@ def _refuse_long_json(service: Service, scope: Scope) -> None:
         if name == b"content-length":
             length = value
         elif name == b"content-encoding" and value.lower() != b"identity":
-            return
+            return False
     if length is not None and length.isdigit():
         check_json_size(service.settings, int(length))
+    return True
 
 
 async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memoryview:
@@ -176,13 +178,20 @@ async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memo
     return arena.view(lease.base, lease.size)
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, json_limit: Settings | None = None) -> bytes:
+    """The whole body; with ``json_limit``, 413 as soon as it is longer than a JSON body may be
+    (a chunked body announces no length to refuse it by)."""
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         return body  # the common case: one chunk, no copy
     chunks = [body]
+    size = len(body)
     while message.get("more_body", False):
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if json_limit is not None:
+            check_json_size(json_limit, size)
+        chunks.append(chunk)
     return b"".join(chunks)
