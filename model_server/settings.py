@@ -171,7 +171,10 @@ class Settings(BaseSettings):
         "arrives and copied into the arena when complete (0: always).",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="Time a request body may take to arrive after its headers (408 above)."
+        60.0,
+        gt=0,
+        description="Time a whole request body may take to arrive after its headers (408 and the "
+        "connection closed above); whatever it reserved is freed.",
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="Time a connection may take to send a request's headers (closed above)."
