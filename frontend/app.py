@@ -86,4 +86,5 @@ def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
         max_body_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
         activity=app.state.activity,
+        body_timeout_s=settings.body_timeout_s,
     )

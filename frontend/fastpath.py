@@ -7,6 +7,13 @@ the request-context middleware to the same handlers the FastAPI routes call
 (``v1.infer_v1``, ``v2.infer_v2``); everything else, including the documented
 routes for ``/docs``, goes through FastAPI. Errors are answered with the same
 ``errors.exception_response`` as the FastAPI handlers.
+
+No slow client can hold the arena: a binary body is streamed into an arena slot
+only after its model was found ready, and only while the bodies still arriving
+in this process hold less than ``MODEL_SERVER_MAX_PENDING_BODY_BYTES`` (at most
+a quarter of the arena); any other body is read into process memory as it
+arrives (so it holds only what it sent) and copied into the arena when the
+request is dispatched. The middleware's body timeout ends a body that stalls.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ipc.arena import ALIGNMENT, Arena
+from model_server.settings import Settings
 
 from .compression import compress_response, decompress_request
-from .dispatcher import BodyLease
+from .dispatcher import BodyLease, DispatchError
 from .errors import ApiError, exception_response, internal_error
+from .limits import check_json_size
 from .service import Service
 from .v1 import infer_v1
 from .v2 import HEADER_LENGTH, infer_v2
@@ -33,6 +42,8 @@ class InferenceFastPath:
     def __init__(self, app: ASGIApp, state: object) -> None:
         self.app = app
         self.state = state  # the FastAPI app's state: its lifespan puts the Service there
+        # Arena bytes held by binary bodies still arriving in this process (MAX_PENDING_BODY_BYTES).
+        self.pending_body_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -53,7 +64,8 @@ class InferenceFastPath:
         lease: BodyLease | None = None
         try:
             if protocol == "v1":
-                raw = await _read_body(receive)
+                plain = _plain_json(service, scope)
+                raw = await _read_body(receive, service.settings if plain else None)
                 limit = service.settings.max_request_bytes
                 response = await infer_v1(
                     service, bytes(decompress_request(Headers(scope=scope), raw, limit))
@@ -61,11 +73,20 @@ class InferenceFastPath:
             else:
                 assert model is not None
                 headers = Headers(scope=scope)
-                lease = _lease_for(service, headers)
+                plain = HEADER_LENGTH not in headers and _plain_json(service, scope)
+                sizes = _binary_sizes(service, headers)
+                if sizes is not None:
+                    # Before anything is reserved or read: 404/409/503 for a model not ready.
+                    await service.entry(model, unquote(version) if version else None)
+                    lease = self._lease_for(service, *sizes)
                 if lease is None:
-                    body: bytes | memoryview = await _read_body(receive)
+                    body: bytes | memoryview = await _read_body(receive, service.settings if plain else None)
                 else:
-                    body = await _stream_into(service.dispatcher.arena, lease, receive)
+                    self.pending_body_bytes += lease.slot.size
+                    try:
+                        body = await _stream_into(service.dispatcher.arena, lease, receive)
+                    finally:
+                        self.pending_body_bytes -= lease.slot.size
                 response = await infer_v2(
                     service, model, unquote(version) if version else None, headers, body, lease
                 )
@@ -78,6 +99,25 @@ class InferenceFastPath:
                 service.dispatcher.arena.free(lease.slot)  # never handed to a worker
         await response(scope, receive, send)
 
+    def _lease_for(self, service: Service, size: int, header_size: int) -> BodyLease | None:
+        """A slot for a binary-extension body, or None to read it into process memory.
+
+        The body is written at an offset that puts the first binary tensor (right after the
+        JSON header) on a 64-byte boundary, so the worker can view it in place. None when the
+        bodies still arriving would hold more than their budget, or the arena is busy: such a
+        body then holds only the bytes it has sent, and the arena is asked once it is complete.
+        """
+        settings = service.settings
+        pad = -header_size % ALIGNMENT
+        budget = min(settings.max_pending_body_bytes, settings.shm_arena_bytes // 4)
+        if self.pending_body_bytes + pad + size > budget:
+            return None
+        try:
+            slot = service.dispatcher.reserve(pad + size)
+        except DispatchError:
+            return None
+        return BodyLease(slot, slot.offset + pad, size)
+
 
 def _accept_encoding(scope: Scope) -> str | None:
     # A scan of the raw headers: cheaper than a Headers object on the v1 path, which needs no other.
@@ -87,12 +127,9 @@ def _accept_encoding(scope: Scope) -> str | None:
     return None
 
 
-def _lease_for(service: Service, headers: Headers) -> BodyLease | None:
-    """A slot for a binary-extension body, when its size is known and it is not compressed.
-
-    The body is written at an offset that puts the first binary tensor (right after the
-    JSON header) on a 64-byte boundary, so the worker can view it in place.
-    """
+def _binary_sizes(service: Service, headers: Headers) -> tuple[int, int] | None:
+    """(body size, JSON header size) of a binary-extension body that could stream into the arena:
+    its size known and within the limit, and not compressed."""
     length, header = headers.get("content-length"), headers.get(HEADER_LENGTH)
     if length is None or header is None or headers.get("content-encoding", "identity") != "identity":
         return None
@@ -102,9 +139,24 @@ def _lease_for(service: Service, headers: Headers) -> BodyLease | None:
         return None  # the handler explains what is wrong
     if not 0 <= header_size <= size <= service.settings.max_request_bytes:
         return None
-    pad = -header_size % ALIGNMENT
-    slot = service.dispatcher.reserve(pad + size)
-    return BodyLease(slot, slot.offset + pad, size)
+    return size, header_size
+
+
+def _plain_json(service: Service, scope: Scope) -> bool:
+    """Whether a JSON body is not compressed (its size is then bounded while it is read), after
+    a 413 for one announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES, before it is read.
+
+    Compressed bodies are checked by the handler once inflated.
+    """
+    length = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = value
+        elif name == b"content-encoding" and value.lower() != b"identity":
+            return False
+    if length is not None and length.isdigit():
+        check_json_size(service.settings, int(length))
+    return True
 
 
 async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memoryview:
@@ -126,13 +178,20 @@ async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memo
     return arena.view(lease.base, lease.size)
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, json_limit: Settings | None = None) -> bytes:
+    """The whole body; with ``json_limit``, 413 as soon as it is longer than a JSON body may be
+    (a chunked body announces no length to refuse it by)."""
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         return body  # the common case: one chunk, no copy
     chunks = [body]
+    size = len(body)
     while message.get("more_body", False):
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if json_limit is not None:
+            check_json_size(json_limit, size)
+        chunks.append(chunk)
     return b"".join(chunks)

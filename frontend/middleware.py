@@ -6,6 +6,7 @@ variables and costs a task per request.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -14,9 +15,12 @@ import time
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_server.logs import request_id_var
+
+from .errors import ApiError
 
 log = logging.getLogger("model_server.access")
 
@@ -24,8 +28,49 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyError(ApiError, HTTPException):
+    """A body that cannot be read to its end: answered in the one error shape, never a 500.
+
+    An ``ApiError`` for the fast path and the app's handlers, and a Starlette
+    ``HTTPException`` so that FastAPI, which turns any other error while reading a
+    body into 400 "error parsing the body", lets it through to those handlers.
+    """
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        HTTPException.__init__(self, status, message)  # not ApiError's: it would pass only the message on
+        Exception.__init__(self, message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+        self.retry_after = None
+
+
+class BodyTooLarge(BodyError):
+    """A body (chunked, or longer than announced) grew past the limit while being read."""
+
+    def __init__(self, seen: int, limit: int) -> None:
+        super().__init__(
+            413,
+            "payload_too_large",
+            f"request body of more than {limit} bytes ({seen} read) exceeds "
+            f"MODEL_SERVER_MAX_REQUEST_BYTES={limit}",
+            {"limit": limit},
+        )
+
+
+class BodyTimeout(BodyError):
+    """The body did not arrive within MODEL_SERVER_BODY_TIMEOUT_S of the headers.
+
+    Raised from ``receive``: whoever was reading answers 408 (and frees what it reserved),
+    and the middleware closes the connection, since the rest of the body will not be read.
+    """
+
+    def __init__(self, seen: int, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s ({seen} bytes read; "
+            "MODEL_SERVER_BODY_TIMEOUT_S)",
+            {"timeout_s": timeout_s},
+        )
 
 
 class Activity:
@@ -40,7 +85,12 @@ class Activity:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, access_log: bool = True, activity: Activity | None = None
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        access_log: bool = True,
+        activity: Activity | None = None,
+        body_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.activity = activity or Activity()
@@ -49,6 +99,7 @@ class RequestContextMiddleware:
         self._ids = itertools.count(1)
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,11 +124,14 @@ class RequestContextMiddleware:
         self.activity.active += 1
         header = (b"x-request-id", request_id.encode())
         status = [0]
+        # Set when the body timed out: the rest of it will never be read, so the connection goes.
+        timed_out = [False]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                extra = [header, (b"connection", b"close")] if self.activity.draining else [header]
+                close = self.activity.draining or timed_out[0]
+                extra = [header, (b"connection", b"close")] if close else [header]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -86,13 +140,30 @@ class RequestContextMiddleware:
                 await self._too_large(scope, send_with_id, length)
                 return
             seen = [0]
+            body_done = [False]
+            timeout_s = self.body_timeout_s
+            deadline = started + timeout_s if timeout_s is not None else 0.0
 
             async def limited_receive() -> Message:
-                message = await receive()
+                if body_done[0] or timeout_s is None:
+                    message = await receive()
+                else:
+                    # uvicorn has no body-read timeout: a client that announces a body and sends
+                    # it slowly would hold whatever the handler reserved for it.
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                            message = await receive()
+                    except TimeoutError:
+                        timed_out[0] = True
+                        raise BodyTimeout(seen[0], timeout_s) from None
                 if message["type"] == "http.request":
                     seen[0] += len(message.get("body", b""))
                     if seen[0] > self.max_body_bytes:
-                        raise BodyTooLarge()
+                        raise BodyTooLarge(seen[0], self.max_body_bytes)
+                    if not message.get("more_body", False):
+                        body_done[0] = True
+                else:
+                    body_done[0] = True  # disconnected: nothing more will come
                 return message
 
             try:

@@ -25,6 +25,7 @@ from model_server.roles import start_role
 from model_server.settings import Settings, get_settings
 
 from .app import asgi_app, create_app
+from .edge import protocol_class
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,15 @@ def build_server(settings: Settings) -> uvicorn.Server:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a header timeout, a header size bound and limit_concurrency (frontend/edge.py).
+        http=protocol_class(settings),
         lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,
         proxy_headers=False,  # no proxy rewriting on the hot path; forwarded headers are not used
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
     )
     return DrainingServer(config, app, settings.drain_seconds)
 

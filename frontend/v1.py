@@ -16,6 +16,7 @@ from model_server.models_file import model_config_from
 
 from .dispatcher import InputTensor
 from .errors import ApiError
+from .limits import check_inputs, check_json_size, check_rows
 from .records import PayloadError, named_to_tensors, records_to_tensors, tensors_to_records
 from .schemas import (
     ERROR_RESPONSES,
@@ -219,6 +220,8 @@ async def infer_v1(service: Service, body: bytes) -> Response:
 
 
 async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Response:
+    settings = service.settings
+    check_json_size(settings, len(raw_body))
     payload = parse_object(raw_body)
     model_id = payload.get("model_id")
     if not isinstance(model_id, str) or not model_id:
@@ -236,6 +239,17 @@ async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Respons
     assert entry.schema is not None
     tracker.model, tracker.version = entry.model_id, entry.version
     raw_inputs = payload.get("inputs")
+    # Bounded before the values are converted (records are copied column by column).
+    if isinstance(raw_inputs, list):
+        check_rows(settings, len(raw_inputs), "inputs")
+        if raw_inputs and isinstance(raw_inputs[0], dict):
+            check_inputs(settings, len(raw_inputs[0]), "features in inputs[0]")
+    elif isinstance(raw_inputs, dict):
+        check_inputs(settings, len(raw_inputs), "named input tensors")
+        for spec in entry.schema.inputs:
+            value = raw_inputs.get(spec.name)
+            if spec.shape and spec.shape[0] < 0 and isinstance(value, list):
+                check_rows(settings, len(value), f"input {spec.name!r}")
     try:
         if isinstance(raw_inputs, list):
             arrays = records_to_tensors(raw_inputs, entry.schema)

@@ -30,6 +30,7 @@ from .compression import decompress_request
 from .coordinator_client import CoordinatorClient
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
+from .limits import check_json_size
 from .service import Service, Tracker
 from .v1 import json_response, parse_object, readiness, service_of
 from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
@@ -294,14 +295,24 @@ async def _infer_tracked(
             raise ApiError(
                 400, "bad_header", f"Inference-Header-Content-Length {raw_length!r} is not a number"
             ) from None
-    body = decompress_request(headers, raw_body, service.settings.max_request_bytes)
+    settings = service.settings
+    body = decompress_request(headers, raw_body, settings.max_request_bytes)
+    check_json_size(settings, len(body) if header_length is None else min(header_length, len(body)))
     entry = await service.entry(model, version)
     assert entry.schema is not None
     tracker.model, tracker.version = entry.model_id, entry.version
     try:
-        parsed = parse_request(body, header_length, entry.schema, service.settings.allow_client_shm)
+        parsed = parse_request(
+            body,
+            header_length,
+            entry.schema,
+            settings.allow_client_shm,
+            max_rows=settings.max_rows_per_request,
+            max_inputs=settings.max_inputs_per_request,
+        )
     except ProtocolError as exc:
-        raise ApiError(exc.status, "bad_request", exc.message) from None
+        code = "payload_too_large" if exc.status == 413 else "bad_request"
+        raise ApiError(exc.status, code, exc.message) from None
     inputs: list[InputTensor] = []
     region_bytes = sum(item.region_size for item in parsed.inputs if item.region is not None)
     if region_bytes > service.settings.max_request_bytes:

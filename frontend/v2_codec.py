@@ -154,8 +154,14 @@ def parse_request(
     header_length: int | None,
     schema: ModelSchema,
     shm_enabled: bool,
+    max_rows: int | None = None,
+    max_inputs: int | None = None,
 ) -> ParsedRequest:
-    """Parse and check an infer request against the model schema (no shared-memory lookups here)."""
+    """Parse and check an infer request against the model schema (no shared-memory lookups here).
+
+    ``max_rows`` bounds the batch dimension (an input's first dimension where the model leaves it
+    open) and ``max_inputs`` the number of inputs: 413 above, before any data is converted.
+    """
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(
@@ -174,6 +180,10 @@ def parse_request(
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("request needs a non-empty 'inputs' list")
+    if max_inputs is not None and len(raw_inputs) > max_inputs:
+        raise ProtocolError(
+            f"{len(raw_inputs)} inputs exceed MODEL_SERVER_MAX_INPUTS_PER_REQUEST={max_inputs}", 413
+        )
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ProtocolError("'parameters' must be an object")
@@ -196,6 +206,10 @@ def parse_request(
             raise ProtocolError(f"{where}: datatype {datatype} is not supported", 501)
         shape = _shape(item.get("shape"), where)
         _check_against_model(name, datatype, shape, specs.get(name))
+        if max_rows is not None and shape and specs[name].shape[0] < 0 and shape[0] > max_rows:
+            raise ProtocolError(
+                f"{where}: {shape[0]} rows exceed MODEL_SERVER_MAX_ROWS_PER_REQUEST={max_rows}", 413
+            )
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ProtocolError(f"{where}: 'parameters' must be an object")

@@ -229,6 +229,54 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, time in-flight requests get to finish before workers stop."
     )
+    # Bounds that keep one client from holding what others need (frontend/edge.py, frontend/limits.py).
+    max_pending_body_bytes: int = Field(
+        32 * MiB,
+        ge=0,
+        description="Arena bytes that binary bodies still arriving may hold in one frontend, at most a "
+        "quarter of `MODEL_SERVER_SHM_ARENA_BYTES`; a body beyond it is read into process memory as it "
+        "arrives and copied into the arena when complete (0: always).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time a whole request body may take to arrive after its headers (408 and the "
+        "connection closed above); whatever it reserved is freed.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a connection may take to send a request's headers (closed above)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line plus headers (431 and closed above)."
+    )
+    limit_concurrency: int = Field(
+        1000,
+        ge=2,
+        description="Open connections or running requests per frontend above which new requests get 503 "
+        "(uvicorn's `limit_concurrency`; health probes and `/metrics` are exempt).",
+    )
+    timeout_keep_alive_s: int = Field(
+        30, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    max_json_request_bytes: int = Field(
+        8 * MiB,
+        ge=1024,
+        description="Largest JSON inference body (`/v1/infer`, a V2 request without binary tensors, "
+        "or a V2 binary request's JSON header), after decompression; parsed JSON takes ~20x its size "
+        "in memory, so larger tensors go in the binary extension (413 above).",
+    )
+    max_rows_per_request: int = Field(
+        65536,
+        ge=1,
+        description="Rows (batch dimension) in one inference request: v1 records or tensors, V2 inputs "
+        "(413 above).",
+    )
+    max_inputs_per_request: int = Field(
+        256,
+        ge=1,
+        description="Input tensors (V2), or named tensors or record features (v1), in one inference "
+        "request (413 above).",
+    )
 
     # --- access control (frontend/auth.py; README "Security") -------------------------
     admin_tokens: Annotated[list[SecretStr], NoDecode] = Field(
