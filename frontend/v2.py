@@ -23,7 +23,7 @@ from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import ModelsFileError, model_config_from
 
-from . import responses, stats
+from . import responses, stats, v2_schemas
 from .classification import ClassificationError, top_k
 from .compression import decompress_request
 from .coordinator_client import CoordinatorClient, version_key
@@ -36,6 +36,7 @@ from .v2_codec import ProtocolError, encode_response, json_data, output_entry, p
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 PLATFORM = "onnxruntime_onnx"
+INFER_BODY = v2_schemas.body(v2_schemas.InferenceRequest)
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -221,13 +222,18 @@ async def _config(request: Request, model: str, version: str | None) -> Response
 # --- inference -------------------------------------------------------------------------------
 
 
-@router.post("/models/{model}/infer", summary="Inference", responses=responses.V2_INFER)
+@router.post(
+    "/models/{model}/infer", summary="Inference", responses=responses.V2_INFER, openapi_extra=INFER_BODY
+)
 async def infer(model: str, request: Request) -> Response:
     return await _infer(request, model, None)
 
 
 @router.post(
-    "/models/{model}/versions/{version}/infer", summary="Inference on a version", responses=responses.V2_INFER
+    "/models/{model}/versions/{version}/infer",
+    summary="Inference on a version",
+    responses=responses.V2_INFER,
+    openapi_extra=INFER_BODY,
 )
 async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
@@ -397,7 +403,12 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return parse_object(body, 400) if body else {}
 
 
-@router.post("/repository/index", summary="Repository index", responses=responses.V2_REPOSITORY_INDEX)
+@router.post(
+    "/repository/index",
+    summary="Repository index",
+    responses=responses.V2_REPOSITORY_INDEX,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryIndexRequest, required=False),
+)
 async def repository_index(request: Request) -> Response:
     body = await _json_body(request)
     reply = await service_of(request).coordinator.index()
@@ -432,7 +443,10 @@ def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post(
-    "/repository/models/{model}/load", summary="Load a model", responses=responses.V2_REPOSITORY_LOAD
+    "/repository/models/{model}/load",
+    summary="Load a model",
+    responses=responses.V2_REPOSITORY_LOAD,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryLoadRequest, required=False),
 )
 async def repository_load(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -460,7 +474,10 @@ async def _default_version(service: Service, model: str) -> str:
 
 
 @router.post(
-    "/repository/models/{model}/unload", summary="Unload a model", responses=responses.V2_REPOSITORY_UNLOAD
+    "/repository/models/{model}/unload",
+    summary="Unload a model",
+    responses=responses.V2_REPOSITORY_UNLOAD,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryUnloadRequest, required=False),
 )
 async def repository_unload(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -493,6 +510,7 @@ def _require_shm(service: Service) -> None:
     "/systemsharedmemory/region/{name}/register",
     summary="Register a shared-memory region",
     responses=responses.V2_SHM,
+    openapi_extra=v2_schemas.body(v2_schemas.SharedMemoryRegister),
 )
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)

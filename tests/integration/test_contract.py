@@ -89,6 +89,15 @@ def api_schema(contract_server: Server) -> BaseSchema:
     return schemathesis.openapi.from_url(f"{contract_server.url}/openapi.json", headers=AUTH, timeout=10)
 
 
+def _on_demo_model(case: Case[Any]) -> Case[Any]:
+    params = case.path_parameters
+    if params is not None:
+        params["model"] = demo.MODEL_ID
+        if "version" in params:
+            params["version"] = demo.VERSION
+    return case
+
+
 # One test per documented operation, listed from the application itself (no server needed to
 # collect them); schemathesis' own pytest loader does not run under pytest 9.
 OPERATIONS = sorted(
@@ -101,9 +110,14 @@ OPERATIONS = sorted(
 @pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
 def test_every_operation_keeps_its_contract(api_schema: BaseSchema, path: str, method: str) -> None:
     operation = api_schema[path][method]
-    cases = st.one_of(
+    generated = st.one_of(
         operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
     )
+    # Invented model names mostly meet a 404; half the cases of a model's routes name the demo
+    # model instead, so what its handlers do with generated bodies and parameters is judged too.
+    # (The repository routes keep invented names: an unload of the demo would only mean 404s.)
+    on_demo = "{model}" in path and not path.startswith("/v2/repository")
+    cases = st.one_of(generated, generated.map(_on_demo_model)) if on_demo else generated
 
     @settings(
         max_examples=EXAMPLES_PER_OPERATION,
