@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .schemas import ErrorResponse, ReadyResponse, V2ErrorResponse
+from .v2_schemas import ModelReady
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -52,10 +53,7 @@ V2_SERVER = _v2(503)  # routes that ask the coordinator for the table
 V2_MODEL = _v2(404, 503)  # metadata, config, statistics of one model
 V2_MODEL_READY: Responses = {
     **V2_MODEL,
-    400: {
-        "description": "The model is known but not ready (Triton's answer): "
-        '`{"name", "version", "ready": false}`.'
-    },
+    400: {"model": ModelReady, "description": "The model is known but not ready (Triton's answer)."},
 }
 V2_INFER = _v2(400, 404, 409, 413, 501, 503, 504)
 V2_REPOSITORY_INDEX = _v2(400, 413, 503)

@@ -29,6 +29,7 @@ from .compression import decompress_request
 from .coordinator_client import CoordinatorClient, version_key
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
+from .schemas import ReadyResponse
 from .service import Service, Tracker
 from .v1 import json_response, parse_object, readiness, service_of
 from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
@@ -50,18 +51,18 @@ def extensions(service: Service) -> list[str]:
 # --- health and metadata ----------------------------------------------------------------
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", response_model=v2_schemas.Live, summary="Server live")
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready", summary="Server ready", responses=responses.READY)
+@router.get("/health/ready", response_model=ReadyResponse, summary="Server ready", responses=responses.READY)
 async def ready(request: Request) -> Response:
     body, ok = await readiness(service_of(request))
     return json_response(body, 200 if ok else 503)
 
 
-@router.get("", summary="Server metadata")
+@router.get("", response_model=v2_schemas.ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     return json_response(
         {"name": "model-server", "version": __version__, "extensions": extensions(service_of(request))}
@@ -109,13 +110,21 @@ async def _stats(request: Request, model: str, version: str | None) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@router.get("/models/{model}", summary="Model metadata", responses=responses.V2_MODEL)
+@router.get(
+    "/models/{model}",
+    response_model=v2_schemas.ModelMetadata,
+    summary="Model metadata",
+    responses=responses.V2_MODEL,
+)
 async def model_metadata(model: str, request: Request) -> Response:
     return await _metadata(request, model, None)
 
 
 @router.get(
-    "/models/{model}/versions/{version}", summary="Model version metadata", responses=responses.V2_MODEL
+    "/models/{model}/versions/{version}",
+    response_model=v2_schemas.ModelMetadata,
+    summary="Model version metadata",
+    responses=responses.V2_MODEL,
 )
 async def model_version_metadata(model: str, version: str, request: Request) -> Response:
     return await _metadata(request, model, version)
@@ -136,13 +145,19 @@ async def _metadata(request: Request, model: str, version: str | None) -> Respon
     )
 
 
-@router.get("/models/{model}/ready", summary="Model ready", responses=responses.V2_MODEL_READY)
+@router.get(
+    "/models/{model}/ready",
+    response_model=v2_schemas.ModelReady,
+    summary="Model ready",
+    responses=responses.V2_MODEL_READY,
+)
 async def model_ready(model: str, request: Request) -> Response:
     return await _model_ready(request, model, None)
 
 
 @router.get(
     "/models/{model}/versions/{version}/ready",
+    response_model=v2_schemas.ModelReady,
     summary="Model version ready",
     responses=responses.V2_MODEL_READY,
 )
@@ -405,6 +420,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 @router.post(
     "/repository/index",
+    response_model=list[v2_schemas.RepositoryItem],
     summary="Repository index",
     responses=responses.V2_REPOSITORY_INDEX,
     openapi_extra=v2_schemas.body(v2_schemas.RepositoryIndexRequest, required=False),
@@ -444,6 +460,7 @@ def _load_options(parameters: dict[str, Any]) -> dict[str, Any]:
 
 @router.post(
     "/repository/models/{model}/load",
+    response_model=v2_schemas.RepositoryLoaded,
     summary="Load a model",
     responses=responses.V2_REPOSITORY_LOAD,
     openapi_extra=v2_schemas.body(v2_schemas.RepositoryLoadRequest, required=False),
@@ -475,6 +492,7 @@ async def _default_version(service: Service, model: str) -> str:
 
 @router.post(
     "/repository/models/{model}/unload",
+    response_model=v2_schemas.RepositoryUnloaded,
     summary="Unload a model",
     responses=responses.V2_REPOSITORY_UNLOAD,
     openapi_extra=v2_schemas.body(v2_schemas.RepositoryUnloadRequest, required=False),
@@ -566,12 +584,22 @@ async def shm_unregister_all(request: Request) -> Response:
     return json_response({})
 
 
-@router.get("/systemsharedmemory/status", summary="Every registered region", responses=responses.V2_SHM)
+@router.get(
+    "/systemsharedmemory/status",
+    response_model=list[v2_schemas.SharedMemoryStatus],
+    summary="Every registered region",
+    responses=responses.V2_SHM,
+)
 async def shm_status(request: Request) -> Response:
     return await _shm_status(request, None)
 
 
-@router.get("/systemsharedmemory/region/{name}/status", summary="One region", responses=responses.V2_SHM)
+@router.get(
+    "/systemsharedmemory/region/{name}/status",
+    response_model=list[v2_schemas.SharedMemoryStatus],
+    summary="One region",
+    responses=responses.V2_SHM,
+)
 async def shm_region_status(name: str, request: Request) -> Response:
     return await _shm_status(request, name)
 

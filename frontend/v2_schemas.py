@@ -129,3 +129,62 @@ def body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
             "content": {"application/json": {"schema": _inline(schema, schema.get("$defs", {}))}},
         }
     }
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable dimension.")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class RepositoryItem(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, LOADING, UNAVAILABLE, ...")
+    reason: str
+
+
+class RepositoryLoaded(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY"]
+
+
+class RepositoryUnloaded(BaseModel):
+    name: str
+    versions: list[str]
+    state: Literal["UNAVAILABLE"]
+
+
+class SharedMemoryStatus(BaseModel):
+    name: str
+    key: str
+    offset: int
+    byte_size: int
