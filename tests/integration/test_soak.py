@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -47,20 +48,28 @@ def test_load_unload_cycles_under_inference_leak_nothing(repository: Path) -> No
     unexpected: list[str] = []
     wrong: list[str] = []
 
+    def check(outputs: list[dict[str, Any]], where: str) -> None:
+        for row, out in enumerate(outputs):
+            for name, value in out.items():
+                if not np.allclose(value, expected[name][row], rtol=1e-5, atol=1e-6):
+                    wrong.append(f"{where}: {name}[{row}]: {value} != {expected[name][row]}")
+
     def infer_forever() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for _ in range(MAX_INFERENCES):
                 if stop.is_set():
                     return
-                r = client.post("/v1/infer", json=body)
+                try:
+                    r = client.post("/v1/infer", json=body)
+                    payload = r.json()
+                except (httpx.HTTPError, ValueError) as exc:  # recorded, not lost with the thread
+                    unexpected.append(repr(exc))
+                    continue
                 if r.status_code == 200:
                     answers["ok"] += 1
-                    for row, out in enumerate(r.json()["outputs"]):
-                        for name, value in out.items():
-                            if not np.allclose(value, expected[name][row], rtol=1e-5, atol=1e-6):
-                                wrong.append(f"{name}[{row}]: {value} != {expected[name][row]}")
+                    check(payload["outputs"], "background")
                     continue
-                code = r.json().get("error", {}).get("code", "")
+                code = payload.get("error", {}).get("code", "")
                 if (r.status_code, code) in WINDOW_ERRORS:
                     answers["window"] += 1
                     time.sleep(0.005)  # what Retry-After asks for, shortened: keep the windows probed
@@ -78,6 +87,10 @@ def test_load_unload_cycles_under_inference_leak_nothing(repository: Path) -> No
             r = c.post("/v1/models/load", json=MODEL)
             assert r.status_code == 200, f"cycle {cycle}: {r.text}"
             assert r.json()["state"] == "ready"
+            # Loaded and not yet unloaded (only this thread unloads): it must answer, and right.
+            r = c.post("/v1/infer", json=body)
+            assert r.status_code == 200, f"cycle {cycle}: {r.text}"
+            check(r.json()["outputs"], f"cycle {cycle}")
             r = c.delete("/v1/models/linear/1")
             assert r.status_code == 200, f"cycle {cycle}: {r.text}"
             if cycle == 0:
@@ -89,7 +102,6 @@ def test_load_unload_cycles_under_inference_leak_nothing(repository: Path) -> No
 
         assert unexpected == [], unexpected[:5]
         assert wrong == [], wrong[:5]
-        assert answers["ok"] > 0, answers  # inferences did reach loaded models between unloads
         # No worker died on the way (a restart would also reset its RSS).
         after = {name: proc.pid for name, proc in server.processes().items() if name.startswith("worker")}
         assert after == before
