@@ -55,7 +55,15 @@ V2_MODEL_READY: Responses = {
     **V2_MODEL,
     400: {"model": ModelReady, "description": "The model is known but not ready (Triton's answer)."},
 }
-V2_INFER = _v2(400, 404, 409, 413, 501, 503, 504)
+V2_INFER: Responses = {
+    # The binary extension answers a JSON header followed by the raw tensors.
+    200: {
+        "description": "JSON, or with binary outputs the JSON header (`Inference-Header-Content-Length` "
+        "bytes) followed by the tensors.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **_v2(400, 404, 409, 413, 501, 503, 504),
+}
 V2_REPOSITORY_INDEX = _v2(400, 413, 503)
 V2_REPOSITORY_LOAD = _v2(400, 403, 404, 409, 413, 502, 503, 504, 507)
 V2_REPOSITORY_UNLOAD = _v2(400, 404, 409, 413, 503)

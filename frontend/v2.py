@@ -238,7 +238,11 @@ async def _config(request: Request, model: str, version: str | None) -> Response
 
 
 @router.post(
-    "/models/{model}/infer", summary="Inference", responses=responses.V2_INFER, openapi_extra=INFER_BODY
+    "/models/{model}/infer",
+    summary="Inference",
+    response_model=v2_schemas.InferenceResponse,
+    responses=responses.V2_INFER,
+    openapi_extra=INFER_BODY,
 )
 async def infer(model: str, request: Request) -> Response:
     return await _infer(request, model, None)
@@ -247,6 +251,7 @@ async def infer(model: str, request: Request) -> Response:
 @router.post(
     "/models/{model}/versions/{version}/infer",
     summary="Inference on a version",
+    response_model=v2_schemas.InferenceResponse,
     responses=responses.V2_INFER,
     openapi_extra=INFER_BODY,
 )

@@ -70,6 +70,23 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = Field(None, description="Outputs to return (absent: all).")
 
 
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_size` (binary extension) or the shared-memory region written."
+    )
+    data: list[Any] | None = Field(None, description="Flat row-major values (absent: binary or shm).")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
 class RepositoryIndexRequest(BaseModel):
     ready: bool = Field(False, description="Only models that are ready.")
 
