@@ -52,13 +52,22 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {
-                "id": "42",
-                "inputs": [
-                    {"name": "feature1", "shape": [2, 1], "datatype": "FP32", "data": [0.5, 3.0]},
-                    {"name": "feature2", "shape": [2, 1], "datatype": "FP32", "data": [1.5, -1.0]},
-                ],
-            }
+            "examples": [
+                {
+                    "id": "42",
+                    "inputs": [
+                        {"name": "feature1", "shape": [2, 1], "datatype": "FP32", "data": [0.5, 3.0]},
+                        {"name": "feature2", "shape": [2, 1], "datatype": "FP32", "data": [1.5, -1.0]},
+                    ],
+                },
+                {  # zero rows are valid: the outputs have zero rows too, as onnxruntime answers
+                    "id": "no-rows",
+                    "inputs": [
+                        {"name": "feature1", "shape": [0, 1], "datatype": "FP32", "data": []},
+                        {"name": "feature2", "shape": [0, 1], "datatype": "FP32", "data": []},
+                    ],
+                },
+            ]
         }
     )
 

@@ -118,9 +118,15 @@ def test_every_operation_keeps_its_contract(api_schema: BaseSchema, path: str, m
     # (The repository routes keep invented names: an unload of the demo would only mean 404s.)
     on_demo = "{model}" in path and not path.startswith("/v2/repository")
     cases = st.one_of(generated, generated.map(_on_demo_model)) if on_demo else generated
+    _judge(cases, EXAMPLES_PER_OPERATION)
+    # Then every example the document gives, as a client copying it would send it.
+    for explicit in api_schema.get_strategies_from_examples(operation):
+        _judge(explicit.map(_on_demo_model) if on_demo else explicit, 1)
 
+
+def _judge(cases: st.SearchStrategy[Case[Any]], count: int) -> None:
     @settings(
-        max_examples=EXAMPLES_PER_OPERATION,
+        max_examples=count,
         deadline=None,
         derandomize=True,  # the same cases on every run: a failure reproduces
         database=None,  # nothing written into the working tree
