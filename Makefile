@@ -6,7 +6,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 
-.PHONY: install serve test lint typecheck unit integration bench lock clean
+.PHONY: install serve test lint typecheck unit integration contract bench lock clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ unit: install
 
 integration: install
 	$(PY) -m pytest -q tests/integration
+
+contract: install
+	$(PY) -m pytest -q tests/integration/test_contract.py
 
 bench: install
 	$(PY) -m bench.run --write-md BENCHMARKS.md

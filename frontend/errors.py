@@ -8,6 +8,7 @@ implementations (Triton, MLServer, KServe) do, so their clients parse it.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from model_server.logs import request_id_var
 
@@ -80,6 +82,28 @@ def internal_error(path: str, exc: Exception) -> Response:
     return error_response(path, 500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
+def allowed_methods(app: FastAPI, path: str, raised: str | None) -> list[str]:
+    """Every method some route serves at ``path`` (RFC 9110: what a 405's ``Allow`` lists).
+
+    Starlette names only the methods of the first route whose path matched, so a path
+    served by several routes (GET and DELETE ``/v1/models/{id}/{version}``) would list
+    one. The documented operations are the routes' own table (the inference paths the
+    fast path serves are documented too); ``raised`` adds an undocumented route's.
+    """
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (compile_path(template)[0], {method.upper() for method in operations})
+            for template, operations in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_table = table
+    methods = {m.strip() for m in (raised or "").split(",") if m.strip()}
+    for pattern, served in table:
+        if pattern.match(path):
+            methods |= served
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     async def _known(request: Request, exc: Exception) -> Response:
         response = exception_response(request.url.path, exc)
@@ -104,7 +128,13 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
-        return error_response(request.url.path, exc.status_code, code, str(exc.detail))
+        response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            raised = (exc.headers or {}).get("Allow")
+            response.headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path, raised))
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:

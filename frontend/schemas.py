@@ -160,16 +160,3 @@ class InferResponseV1(BaseModel):
     tensors: dict[str, Any] = Field(
         default_factory=dict, description="Outputs without a row dimension, returned whole (rare)."
     )
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown model or version."},
-    409: {"model": ErrorResponse, "description": "Model not ready (loading, unloading)."},
-    413: {"model": ErrorResponse, "description": "Payload too large."},
-    422: {"model": ErrorResponse, "description": "Payload does not fit the model's schema."},
-    503: {
-        "model": ErrorResponse,
-        "description": "No worker available, queue full or draining (Retry-After).",
-    },
-    504: {"model": ErrorResponse, "description": "Deadline passed."},
-}

@@ -14,12 +14,12 @@ from model_server import metrics, naming
 from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
+from . import responses
 from .dispatcher import InputTensor
 from .errors import ApiError
 from .limits import check_inputs, check_json_size, check_rows
 from .records import PayloadError, named_to_tensors, records_to_tensors, tensors_to_records
 from .schemas import (
-    ERROR_RESPONSES,
     HealthResponse,
     InferRequestV1,
     InferResponseV1,
@@ -86,7 +86,7 @@ async def health() -> Response:
     response_model=ReadyResponse,
     tags=["health"],
     summary="Readiness probe",
-    responses={503: {"model": ReadyResponse, "description": "Not ready; `reasons` says why."}},
+    responses=responses.READY,
 )
 async def ready(request: Request) -> Response:
     """200 when the coordinator answers, a worker is alive and every start-up model is loaded and warm."""
@@ -130,10 +130,7 @@ async def prometheus_metrics(request: Request) -> Response:
 @router.post(
     "/v1/models/load",
     response_model=ModelInfo,
-    responses={
-        **ERROR_RESPONSES,
-        403: ERROR_RESPONSES[404] | {"description": "Access to the artifact denied."},
-    },
+    responses=responses.V1_LOAD,
     tags=["models"],
     summary="Load a model",
 )
@@ -157,7 +154,13 @@ def _check_id(kind: str, value: str) -> None:
         raise ApiError(422, "invalid_request", str(exc), {kind: value}) from None
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], summary="List models")
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=responses.V1_LIST,
+    tags=["models"],
+    summary="List models",
+)
 async def list_models(request: Request) -> Response:
     """Every model the coordinator knows, in any state, with workers, schema, load time and memory."""
     service = service_of(request)
@@ -170,7 +173,7 @@ async def list_models(request: Request) -> Response:
 @router.get(
     "/v1/models/{model_id}/{version}",
     response_model=ModelInfo,
-    responses={404: ERROR_RESPONSES[404]},
+    responses=responses.V1_MODEL,
     tags=["models"],
     summary="One model",
 )
@@ -182,7 +185,7 @@ async def get_model(model_id: str, version: str, request: Request) -> Response:
 @router.delete(
     "/v1/models/{model_id}/{version}",
     response_model=ModelInfo,
-    responses={404: ERROR_RESPONSES[404]},
+    responses=responses.V1_MODEL,
     tags=["models"],
     summary="Unload a model",
 )
@@ -203,7 +206,7 @@ INFER_BODY = {
 @router.post(
     "/v1/infer",
     response_model=InferResponseV1,
-    responses=ERROR_RESPONSES,
+    responses=responses.V1_INFER,
     openapi_extra=INFER_BODY,
     tags=["inference"],
     summary="Run inference",

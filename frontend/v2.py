@@ -24,13 +24,14 @@ from model_server.logs import request_id_var
 from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
 from model_server.naming import version_key
 
-from . import stats
+from . import responses, stats, v2_schemas
 from .classification import ClassificationError, top_k
 from .compression import decompress_request
 from .coordinator_client import CoordinatorClient
 from .dispatcher import BodyLease, InputTensor
 from .errors import ApiError
 from .limits import check_json_size
+from .schemas import ReadyResponse
 from .service import Service, Tracker
 from .v1 import json_response, parse_object, readiness, service_of
 from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
@@ -38,14 +39,8 @@ from .v2_codec import ProtocolError, encode_response, json_data, output_entry, p
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 PLATFORM = "onnxruntime_onnx"
+INFER_BODY = v2_schemas.body(v2_schemas.InferenceRequest)
 HEADER_LENGTH = "inference-header-content-length"
-
-V2_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": 'Malformed request: `{"error": "..."}`'},
-    404: {"description": "Unknown model or version."},
-    501: {"description": "Unsupported feature or datatype."},
-    503: {"description": "Model not ready, no worker, or queue full."},
-}
 
 
 def extensions(service: Service) -> list[str]:
@@ -58,18 +53,18 @@ def extensions(service: Service) -> list[str]:
 # --- health and metadata ----------------------------------------------------------------
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", response_model=v2_schemas.Live, summary="Server live")
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", response_model=ReadyResponse, summary="Server ready", responses=responses.READY)
 async def ready(request: Request) -> Response:
     body, ok = await readiness(service_of(request))
     return json_response(body, 200 if ok else 503)
 
 
-@router.get("", summary="Server metadata")
+@router.get("", response_model=v2_schemas.ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     return json_response(
         {"name": "model-server", "version": __version__, "extensions": extensions(service_of(request))}
@@ -83,7 +78,7 @@ def _versions(service: Service, model: str) -> list[str]:
 # --- statistics extension (registered before /models/{model}, which would take "stats") ---
 
 
-@router.get("/models/stats", summary="Statistics of every loaded model")
+@router.get("/models/stats", summary="Statistics of every loaded model", responses=responses.V2_SERVER)
 async def all_model_stats(request: Request) -> Response:
     service = service_of(request)
     await service.coordinator.refresh()
@@ -91,13 +86,17 @@ async def all_model_stats(request: Request) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@router.get("/models/{model}/stats", summary="Statistics of every version of a model", responses=V2_ERRORS)
+@router.get(
+    "/models/{model}/stats", summary="Statistics of every version of a model", responses=responses.V2_MODEL
+)
 async def model_stats(model: str, request: Request) -> Response:
     return await _stats(request, model, None)
 
 
 @router.get(
-    "/models/{model}/versions/{version}/stats", summary="Statistics of a model version", responses=V2_ERRORS
+    "/models/{model}/versions/{version}/stats",
+    summary="Statistics of a model version",
+    responses=responses.V2_MODEL,
 )
 async def model_version_stats(model: str, version: str, request: Request) -> Response:
     return await _stats(request, model, version)
@@ -113,12 +112,22 @@ async def _stats(request: Request, model: str, version: str | None) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@router.get("/models/{model}", summary="Model metadata", responses=V2_ERRORS)
+@router.get(
+    "/models/{model}",
+    response_model=v2_schemas.ModelMetadata,
+    summary="Model metadata",
+    responses=responses.V2_MODEL,
+)
 async def model_metadata(model: str, request: Request) -> Response:
     return await _metadata(request, model, None)
 
 
-@router.get("/models/{model}/versions/{version}", summary="Model version metadata", responses=V2_ERRORS)
+@router.get(
+    "/models/{model}/versions/{version}",
+    response_model=v2_schemas.ModelMetadata,
+    summary="Model version metadata",
+    responses=responses.V2_MODEL,
+)
 async def model_version_metadata(model: str, version: str, request: Request) -> Response:
     return await _metadata(request, model, version)
 
@@ -138,12 +147,22 @@ async def _metadata(request: Request, model: str, version: str | None) -> Respon
     )
 
 
-@router.get("/models/{model}/ready", summary="Model ready")
+@router.get(
+    "/models/{model}/ready",
+    response_model=v2_schemas.ModelReady,
+    summary="Model ready",
+    responses=responses.V2_MODEL_READY,
+)
 async def model_ready(model: str, request: Request) -> Response:
     return await _model_ready(request, model, None)
 
 
-@router.get("/models/{model}/versions/{version}/ready", summary="Model version ready")
+@router.get(
+    "/models/{model}/versions/{version}/ready",
+    response_model=v2_schemas.ModelReady,
+    summary="Model version ready",
+    responses=responses.V2_MODEL_READY,
+)
 async def model_version_ready(model: str, version: str, request: Request) -> Response:
     return await _model_ready(request, model, version)
 
@@ -163,12 +182,18 @@ async def _model_ready(request: Request, model: str, version: str | None) -> Res
     return json_response(body, 200 if ok else 400)
 
 
-@router.get("/models/{model}/config", summary="Model configuration (Triton-style)")
+@router.get(
+    "/models/{model}/config", summary="Model configuration (Triton-style)", responses=responses.V2_MODEL
+)
 async def model_config(model: str, request: Request) -> Response:
     return await _config(request, model, None)
 
 
-@router.get("/models/{model}/versions/{version}/config", summary="Model version configuration")
+@router.get(
+    "/models/{model}/versions/{version}/config",
+    summary="Model version configuration",
+    responses=responses.V2_MODEL,
+)
 async def model_version_config(model: str, version: str, request: Request) -> Response:
     return await _config(request, model, version)
 
@@ -218,13 +243,23 @@ async def _config(request: Request, model: str, version: str | None) -> Response
 # --- inference -------------------------------------------------------------------------------
 
 
-@router.post("/models/{model}/infer", summary="Inference", responses=V2_ERRORS)
+@router.post(
+    "/models/{model}/infer",
+    summary="Inference",
+    response_model=v2_schemas.InferenceResponse,
+    responses=responses.V2_INFER,
+    openapi_extra=INFER_BODY,
+)
 async def infer(model: str, request: Request) -> Response:
     return await _infer(request, model, None)
 
 
 @router.post(
-    "/models/{model}/versions/{version}/infer", summary="Inference on a version", responses=V2_ERRORS
+    "/models/{model}/versions/{version}/infer",
+    summary="Inference on a version",
+    response_model=v2_schemas.InferenceResponse,
+    responses=responses.V2_INFER,
+    openapi_extra=INFER_BODY,
 )
 async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
@@ -413,7 +448,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return parse_object(body, 400) if body else {}
 
 
-@router.post("/repository/index", summary="Repository index")
+@router.post(
+    "/repository/index",
+    response_model=list[v2_schemas.RepositoryItem],
+    summary="Repository index",
+    responses=responses.V2_REPOSITORY_INDEX,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryIndexRequest, required=False),
+)
 async def repository_index(request: Request) -> Response:
     body = await _json_body(request)
     reply = await service_of(request).coordinator.index()
@@ -464,7 +505,13 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return options, names
 
 
-@router.post("/repository/models/{model}/load", summary="Load a model", responses=V2_ERRORS)
+@router.post(
+    "/repository/models/{model}/load",
+    response_model=v2_schemas.RepositoryLoaded,
+    summary="Load a model",
+    responses=responses.V2_REPOSITORY_LOAD,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryLoadRequest, required=False),
+)
 async def repository_load(model: str, request: Request) -> Response:
     service = service_of(request)
     body = await _json_body(request)
@@ -497,7 +544,13 @@ async def _default_version(service: Service, model: str) -> str:
     return max(versions, key=version_key) if versions else "1"
 
 
-@router.post("/repository/models/{model}/unload", summary="Unload a model", responses=V2_ERRORS)
+@router.post(
+    "/repository/models/{model}/unload",
+    response_model=v2_schemas.RepositoryUnloaded,
+    summary="Unload a model",
+    responses=responses.V2_REPOSITORY_UNLOAD,
+    openapi_extra=v2_schemas.body(v2_schemas.RepositoryUnloadRequest, required=False),
+)
 async def repository_unload(model: str, request: Request) -> Response:
     service = service_of(request)
     body = await _json_body(request)
@@ -533,7 +586,12 @@ class _RegisterBody(msgspec.Struct, forbid_unknown_fields=False):
     offset: int = 0
 
 
-@router.post("/systemsharedmemory/region/{name}/register", summary="Register a shared-memory region")
+@router.post(
+    "/systemsharedmemory/region/{name}/register",
+    summary="Register a shared-memory region",
+    responses=responses.V2_SHM,
+    openapi_extra=v2_schemas.body(v2_schemas.SharedMemoryRegister),
+)
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
@@ -561,7 +619,11 @@ async def shm_register(name: str, request: Request) -> Response:
     return json_response({})
 
 
-@router.post("/systemsharedmemory/region/{name}/unregister", summary="Unregister one region")
+@router.post(
+    "/systemsharedmemory/region/{name}/unregister",
+    summary="Unregister one region",
+    responses=responses.V2_SHM,
+)
 async def shm_unregister(name: str, request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
@@ -569,7 +631,7 @@ async def shm_unregister(name: str, request: Request) -> Response:
     return json_response({})
 
 
-@router.post("/systemsharedmemory/unregister", summary="Unregister every region")
+@router.post("/systemsharedmemory/unregister", summary="Unregister every region", responses=responses.V2_SHM)
 async def shm_unregister_all(request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
@@ -577,12 +639,22 @@ async def shm_unregister_all(request: Request) -> Response:
     return json_response({})
 
 
-@router.get("/systemsharedmemory/status", summary="Every registered region")
+@router.get(
+    "/systemsharedmemory/status",
+    response_model=list[v2_schemas.SharedMemoryStatus],
+    summary="Every registered region",
+    responses=responses.V2_SHM,
+)
 async def shm_status(request: Request) -> Response:
     return await _shm_status(request, None)
 
 
-@router.get("/systemsharedmemory/region/{name}/status", summary="One region")
+@router.get(
+    "/systemsharedmemory/region/{name}/status",
+    response_model=list[v2_schemas.SharedMemoryStatus],
+    summary="One region",
+    responses=responses.V2_SHM,
+)
 async def shm_region_status(name: str, request: Request) -> Response:
     return await _shm_status(request, name)
 

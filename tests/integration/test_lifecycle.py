@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from tests.models import ort_run
@@ -19,15 +20,43 @@ from .server import Server
 pytestmark = pytest.mark.integration
 
 
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when the series does not exist yet)."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, rest = head.partition("{")
+        if series != name:
+            continue
+        found = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if part)
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def _stop(proc: psutil.Process) -> None:
+    """SIGSTOP, and wait until the kernel reports the process stopped (bounded)."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while proc.status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.005)
+
+
 def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(repository: Path) -> None:
     server = Server(repository, workers=1)
     try:
         server.start()
         c = server.client
-        assert c.post("/v1/models/load", json={"model_id": "slow", "version": "1"}).status_code == 200
+        # A batch queue that holds a lone request for seconds: the request provably waits inside
+        # the worker (its queued-requests gauge says so) with no reply sent, whatever the CPU speed.
+        hold = {"max_batch_size": 256, "preferred_batch_sizes": [256], "max_queue_delay_us": 3_000_000}
+        r = c.post("/v1/models/load", json={"model_id": "slow", "version": "1", **hold})
+        assert r.status_code == 200, r.text
         assert c.post("/v1/models/load", json={"model_id": "linear", "version": "1"}).status_code == 200
         old = server.processes()["worker-0"]
-        x = (np.ones((64, 1024), dtype=np.float32) / 3).tolist()
+        x = (np.ones((4, 1024), dtype=np.float32) / 3).tolist()
         result: dict[str, httpx.Response] = {}
 
         def slow_request() -> None:
@@ -36,12 +65,33 @@ def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(reposi
                     "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}}
                 )
 
+        def batches_run() -> float:
+            return _metric(
+                c.get("/metrics").text, "model_server_batch_size_rows_count", model="slow", version="1"
+            )
+
+        ran_before = batches_run()
         thread = threading.Thread(target=slow_request)
         thread.start()
-        # The worker is busy once its CPU time grows under the request.
-        base = old.cpu_times().user
-        server.wait_for(lambda: old.cpu_times().user > base + 0.2, 20, "the worker to start computing")
-        os.kill(old.pid, signal.SIGKILL)
+        # Judged while the worker is stopped, so nothing changes between the look and the kill:
+        # queued >= 1 means the worker took the request off its socket; an unchanged batch count
+        # means it has not run it (the count is written before any reply is sent). Killed then,
+        # the request cannot have been answered.
+        killed = False
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            _stop(old)
+            text = c.get("/metrics").text
+            queued = _metric(text, "model_server_queued_requests")
+            ran = _metric(text, "model_server_batch_size_rows_count", model="slow", version="1")
+            if queued >= 1 and ran == ran_before:
+                os.kill(old.pid, signal.SIGKILL)
+                killed = True
+            else:
+                os.kill(old.pid, signal.SIGCONT)
+                assert ran == ran_before, "the request ran before it was seen queued in the worker"
+                time.sleep(0.02)
+        assert killed, "the request never reached the worker"
         thread.join(60)
         assert not thread.is_alive()
         r = result["r"]
