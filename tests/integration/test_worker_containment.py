@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 FRAUD = ("fraud_detection", "2.0.0")
 MAX_REGIONS = 4
+MAX_REQUEST_BYTES = 512 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,8 @@ def srv(repo: Path) -> Iterator[Server]:
         workers=2,
         MODEL_SERVER_ALLOW_CLIENT_SHM="true",
         MODEL_SERVER_MAX_SHM_REGIONS=MAX_REGIONS,
+        # Small enough that a region input over it stays under MODEL_SERVER_MAX_ROWS_PER_REQUEST.
+        MODEL_SERVER_MAX_REQUEST_BYTES=MAX_REQUEST_BYTES,
     )
     try:
         server.start()
@@ -385,8 +388,9 @@ def test_region_inputs_larger_than_a_request_may_be_are_413(
     srv: Server, repo: Path, shm_path: Path, workers: dict[str, int]
 ) -> None:
     """A sparse region costs the client nothing; the worker's copy of it must be bounded."""
-    rows = 6_000_000  # 72 MB of FP32 [N, 3]: over the 64 MiB MODEL_SERVER_MAX_REQUEST_BYTES default
+    rows = 60_000  # 720 kB of FP32 [N, 3]: over this server's MODEL_SERVER_MAX_REQUEST_BYTES
     size = rows * 3 * 4
+    assert size > MAX_REQUEST_BYTES
     with open(shm_path, "wb") as f:
         f.truncate(size)  # sparse: no page is backed
     assert _register(srv, "sparse", "/" + shm_path.name, size).status_code == 200
