@@ -30,11 +30,17 @@ MAX_INPUTS = 4
 WAIT_S = 30.0  # the longest any socket read here waits (the server answers in about BODY_TIMEOUT_S)
 
 
+def _demo_models_file(repository: Path) -> Path:
+    """A models file that loads the demo model at start (each server below serves it)."""
+    models_file = repository.parent / "edge-models.yaml"
+    models_file.write_text(f'models:\n  - model_id: {demo.MODEL_ID}\n    version: "{demo.VERSION}"\n')
+    return models_file
+
+
 @pytest.fixture(scope="module")
 def edge(repository: Path) -> Iterator[Server]:
     """One frontend (so every connection meets the same arena), short body and header timeouts."""
-    models_file = repository.parent / "edge-models.yaml"
-    models_file.write_text(f'models:\n  - model_id: {demo.MODEL_ID}\n    version: "{demo.VERSION}"\n')
+    models_file = _demo_models_file(repository)
     srv = Server(
         repository,
         workers=1,
@@ -349,8 +355,7 @@ def test_inputs_per_request_limit(edge: Server) -> None:
 @pytest.fixture(scope="module")
 def crowded(repository: Path) -> Iterator[Server]:
     """A frontend that takes few connections; timeouts at their defaults so holders stay."""
-    models_file = repository.parent / "edge-models.yaml"
-    models_file.write_text(f'models:\n  - model_id: {demo.MODEL_ID}\n    version: "{demo.VERSION}"\n')
+    models_file = _demo_models_file(repository)
     srv = Server(
         repository,
         workers=1,
