@@ -81,9 +81,8 @@ def shm_free_bytes() -> int:
 class Segment:
     """One POSIX shared-memory object mapped read-write into this process."""
 
-    def __init__(self, name: str, mm: mmap.mmap, owner: bool, inode: int = 0) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
         self.name = name
-        self.inode = inode
         self.size = len(mm)
         self._mm = mm
         self.buf = memoryview(mm)
@@ -129,7 +128,7 @@ class Segment:
             mm = mmap.mmap(fd, stat.st_size)
         finally:
             os.close(fd)
-        return cls(name, mm, owner=False, inode=stat.st_ino)
+        return cls(name, mm, owner=False)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
@@ -257,13 +256,12 @@ class Arena:
 
 
 class SegmentCache:
-    """Segments this process attached by name (workers: frontends' arenas, client regions).
+    """The server's own segments this process attached by name (workers: frontends' arenas).
 
-    Names under ``trusted_prefix`` are the server's own and unique per creator.
-    Any other name is a client's region, which a client may unlink and re-create
-    under the same name: those are re-checked by inode on every use, so a stale
-    mapping never receives a tensor meant for the new object. (The worker's Engine
-    does not map client regions at all: it copies them through ``ipc.client_shm``.)
+    Names under ``trusted_prefix`` are the server's own and unique per creator (pid and a
+    random suffix), so a mapping never goes stale: a restarted frontend's arena has a new
+    name, and ``prune`` drops the old one. Client regions never come here: the worker's
+    Engine copies them through ``ipc.client_shm``, which re-checks the file on every use.
     """
 
     def __init__(self, trusted_prefix: str = "msrv_") -> None:
@@ -272,27 +270,13 @@ class SegmentCache:
 
     def get(self, name: str) -> Segment:
         seg = self._segments.get(name)
-        if seg is not None and not name.startswith(self.trusted_prefix):
-            try:
-                current = os.stat(SHM_DIR / check_name(name)).st_ino
-            except FileNotFoundError:
-                self.forget(name)
-                raise SegmentError(f"shared-memory region {name!r} does not exist") from None
-            if current != seg.inode:
-                self.forget(name)
-                seg = None
         if seg is None:
             seg = Segment.attach(name)
             self._segments[name] = seg
         return seg
 
     def view(self, name: str, offset: int, nbytes: int) -> memoryview:
-        seg = self.get(name)
-        if offset + nbytes > seg.size:
-            # The object may have grown since we mapped it (a client re-created a region).
-            self.forget(name)
-            seg = self.get(name)
-        return seg.view(offset, nbytes)
+        return self.get(name).view(offset, nbytes)
 
     def adopt(self, seg: Segment) -> None:
         """Track a segment this process created (a worker's spill) under its name."""
