@@ -18,23 +18,22 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ipc import client_shm, datatypes
-from ipc.messages import ShmRegion, TensorRef
+from ipc.messages import ShmRegion
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
 from model_server.naming import version_key
 
 from . import responses, stats, v2_schemas
-from .classification import ClassificationError, top_k
+from .call import CallInput, CallOutput, InferenceCall, RegionRef, execute
 from .compression import decompress_request
-from .coordinator_client import CoordinatorClient
-from .dispatcher import BodyLease, InputTensor
+from .dispatcher import BodyLease
 from .errors import ApiError
 from .limits import check_json_size
 from .schemas import ReadyResponse
 from .service import Service, Tracker
 from .v1 import json_response, parse_object, readiness, service_of
-from .v2_codec import ProtocolError, encode_response, json_data, output_entry, parse_request
+from .v2_codec import ParsedInput, ProtocolError, encode_response, json_data, output_entry, parse_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -265,33 +264,15 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)
 
 
-def _classify(name: str, array: Any, k: int) -> Any:
-    try:
-        return top_k(array, k)
-    except ClassificationError as exc:
-        raise ApiError(400, "bad_request", f"output '{name}': {exc}") from None
-
-
-async def resolve_region(
-    coordinator: CoordinatorClient, name: str, offset: int, size: int, where: str
-) -> ShmRegion:
-    """The registered region ``name`` that can hold ``size`` bytes at ``offset``, or a 400."""
-    region = coordinator.table.regions.get(name)
-    if region is None:
-        # Registered through another frontend process a moment ago, and this process's
-        # snapshot predates it: ask the coordinator (the owner of registrations) once.
-        await coordinator.refresh()
-        region = coordinator.table.regions.get(name)
-    if region is None:
-        raise ApiError(400, "bad_region", f"{where}: shared memory region '{name}' is not registered")
-    if offset + size > region.byte_size:
-        raise ApiError(
-            400,
-            "bad_region",
-            f"{where}: offset {offset} + size {size} exceeds shared memory region '{name}' "
-            f"of {region.byte_size} bytes",
-        )
-    return region
+def _call_input(item: ParsedInput, lease: BodyLease | None) -> CallInput:
+    if item.region is not None:
+        region = RegionRef(item.region, item.region_offset, item.region_size)
+        return CallInput(item.name, item.datatype, item.shape, region=region)
+    if lease is not None and item.raw is not None:
+        # Already in shared memory where the body was streamed: referenced, not copied.
+        offset = lease.base + item.raw_offset
+        return CallInput(item.name, item.datatype, item.shape, raw=item.raw, arena_offset=offset)
+    return CallInput(item.name, item.datatype, item.shape, item.array, item.raw)
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
@@ -348,88 +329,55 @@ async def _infer_tracked(
     except ProtocolError as exc:
         code = "payload_too_large" if exc.status == 413 else "bad_request"
         raise ApiError(exc.status, code, exc.message) from None
-    inputs: list[InputTensor] = []
-    region_bytes = sum(item.region_size for item in parsed.inputs if item.region is not None)
-    if region_bytes > service.settings.max_request_bytes:
-        # A worker copies region inputs into its own memory: bounded like a body would be.
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"shared-memory inputs of {region_bytes} bytes exceed MODEL_SERVER_MAX_REQUEST_BYTES "
-            f"({service.settings.max_request_bytes})",
-        )
-    for item in parsed.inputs:
-        if item.region is not None:
-            where = f"input '{item.name}'"
-            region = await resolve_region(
-                service.coordinator, item.region, item.region_offset, item.region_size, where
+    call = InferenceCall(
+        model,
+        version,
+        [_call_input(item, lease) for item in parsed.inputs],
+        [
+            CallOutput(
+                o.name,
+                o.binary,
+                o.classification,
+                RegionRef(o.region, o.region_offset, o.region_size) if o.region is not None else None,
             )
-            ref = TensorRef(
-                item.name,
-                item.datatype,
-                item.shape,
-                region.key,
-                region.offset + item.region_offset,
-                item.region_size,
-            )
-            inputs.append(InputTensor(item.name, item.datatype, item.shape, region=ref))
-        elif lease is not None and item.raw is not None:
-            # Already in shared memory where the body was streamed: referenced, not copied.
-            offset = lease.base + item.raw_offset
-            inputs.append(
-                InputTensor(item.name, item.datatype, item.shape, raw=item.raw, arena_offset=offset)
-            )
-        else:
-            inputs.append(InputTensor(item.name, item.datatype, item.shape, array=item.array, raw=item.raw))
-    client_outputs: list[TensorRef] = []
-    for out in parsed.outputs:
-        if out.region is not None:
-            region = await resolve_region(
-                service.coordinator, out.region, out.region_offset, out.region_size, f"output '{out.name}'"
-            )
-            client_outputs.append(
-                TensorRef(out.name, "", [], region.key, region.offset + out.region_offset, out.region_size)
-            )
-    requested = {o.name: o for o in parsed.outputs}
-    names = [o.name for o in parsed.outputs]
-    result = await service.infer(
-        entry, inputs, names, request_id_var.get(), client_outputs, timeout_s=parsed.timeout_s, body=lease
+            for o in parsed.outputs
+        ],
+        parsed.parameters,
+        parsed.timeout_s,
+        request_id_var.get(),
+        parsed.id,
+        lease,
     )
-    with result:
-        tracker.result = result
+    with await execute(service, call, tracker) as result:
         outputs: list[dict[str, Any]] = []
         binary: list[memoryview] = []
         for tensor in result.outputs:
-            spec = requested.get(tensor.name)
+            spec = tensor.requested
             entry_out = output_entry(tensor.name, tensor.datatype, tensor.shape)
-            if spec is not None and spec.classification:
-                classes = _classify(tensor.name, tensor.array(), spec.classification)
-                entry_out = output_entry(tensor.name, "BYTES", list(classes.shape))
-                if spec.binary:
-                    packed = datatypes.serialize_bytes(classes)
-                    entry_out["parameters"] = {"binary_data_size": len(packed)}
-                    binary.append(memoryview(packed))
-                else:
-                    entry_out["data"] = json_data(classes, "BYTES")
-            elif spec is not None and spec.region is not None:
+            wants_binary = spec.binary if spec is not None else parsed.binary_default
+            if spec is not None and spec.region is not None:
                 entry_out["parameters"] = {
-                    "shared_memory_region": spec.region,
+                    "shared_memory_region": spec.region.name,
                     "shared_memory_byte_size": tensor.nbytes,
-                    "shared_memory_offset": spec.region_offset,
+                    "shared_memory_offset": spec.region.offset,
                 }
-            elif (spec.binary if spec is not None else parsed.binary_default) and tensor.data is not None:
+            elif wants_binary and tensor.classes is not None:
+                packed = datatypes.serialize_bytes(tensor.classes)
+                entry_out["parameters"] = {"binary_data_size": len(packed)}
+                binary.append(memoryview(packed))
+            elif wants_binary and tensor.data is not None:
                 entry_out["parameters"] = {"binary_data_size": len(tensor.data)}
                 binary.append(tensor.data)
             else:
                 entry_out["data"] = json_data(tensor.array(), tensor.datatype)
             outputs.append(entry_out)
         head: dict[str, Any] = {
-            "model_name": entry.model_id,
-            "model_version": entry.version,
+            "model_name": result.model,
+            "model_version": result.version,
             "outputs": outputs,
         }
-        if parsed.id is not None:
-            head["id"] = parsed.id
+        if result.id is not None:
+            head["id"] = result.id
         payload, length = encode_response(head, binary)
     if length is None:
         return Response(payload, media_type="application/json")

@@ -12,9 +12,9 @@ import pytest
 import zmq.asyncio
 
 from coordinator.process import CoordinatorProcess
+from frontend.call import RegionRef, resolve_region
 from frontend.coordinator_client import CoordinatorClient, Table
 from frontend.errors import ApiError
-from frontend.v2 import resolve_region
 from ipc.messages import ShmRegion
 from model_server.settings import Settings
 
@@ -46,16 +46,16 @@ def test_a_lagging_frontend_asks_the_coordinator_before_saying_not_registered(co
             assert reply.status == 200, reply.error
             # The second frontend has not received the publish yet (as under load in CI).
             second.table = Table()
-            region = await resolve_region(second, "frames", 1024, 2048, "input 'x'")
-            assert (region.key, region.byte_size) == ("ms_test_frames", 4096)
+            ref = await resolve_region(second, RegionRef("frames", 1024, 2048), "input 'x'")
+            assert (ref.segment, ref.offset, ref.nbytes) == ("ms_test_frames", 1024, 2048)
             # A region nobody registered is still a 400, after asking.
             with pytest.raises(ApiError) as missing:
-                await resolve_region(second, "ghost", 0, 8, "input 'x'")
+                await resolve_region(second, RegionRef("ghost", 0, 8), "input 'x'")
             assert missing.value.status == 400
             assert "'ghost' is not registered" in missing.value.message
             # A range past the region's end is a 400 naming both sizes.
             with pytest.raises(ApiError) as too_far:
-                await resolve_region(second, "frames", 4000, 200, "output 'y'")
+                await resolve_region(second, RegionRef("frames", 4000, 200), "output 'y'")
             assert "offset 4000 + size 200 exceeds" in too_far.value.message
         finally:
             await first.close()

@@ -1,0 +1,310 @@
+"""One inference, whatever protocol brought it.
+
+A protocol module (REST ``/v1`` records or named tensors, REST ``/v2`` JSON or
+binary, gRPC ``ModelInfer``) only *decodes* its request into an ``InferenceCall``
+and *encodes* the ``CallResult`` back; everything in between happens here, once:
+finding the model, checking the inputs against its schema and the server's
+bounds, resolving shared-memory regions, dispatching to a worker and applying
+the classification extension. Errors are ``ApiError`` (status, code, message,
+details, retry-after); each protocol renders them in its own shape.
+
+Ownership: the ``CallResult`` holds views of this process's arena; the caller
+encodes its response from them and then releases it (``with result:``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ipc import datatypes
+from ipc.messages import ModelEntry, ModelSchema, TensorRef, TensorSpec
+from model_server.logs import model_var
+
+from .classification import ClassificationError, top_k
+from .coordinator_client import CoordinatorClient
+from .dispatcher import BodyLease, InferResult, InputTensor, OutputTensor
+from .errors import ApiError
+from .limits import check_inputs, check_rows, too_large
+from .service import Service, Tracker
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(slots=True)
+class RegionRef:
+    """A place in a client's registered shared-memory region (system shared memory extension)."""
+
+    name: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(slots=True)
+class CallInput:
+    """One input tensor. Exactly one of ``array``, ``raw`` and ``region`` is set.
+
+    ``raw`` is the tensor's little-endian bytes (BYTES: each element a 4-byte
+    little-endian length then its bytes), as the binary extension and gRPC's
+    ``raw_input_contents`` carry it; ``arena_offset`` says it already lies in
+    this process's arena (a body streamed into the call's ``lease``).
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    array: Array | None = None
+    raw: bytes | memoryview | None = None
+    arena_offset: int | None = None
+    region: RegionRef | None = None
+
+
+@dataclass(slots=True)
+class CallOutput:
+    """One output the client asked for, and how it wants it."""
+
+    name: str
+    binary: bool | None = None  # REST binary extension; None: the request's default
+    classification: int = 0  # top k classes instead of the tensor
+    region: RegionRef | None = None  # written into the client's region instead of returned
+
+
+@dataclass(slots=True)
+class InferenceCall:
+    model: str
+    version: str | None
+    inputs: list[CallInput]
+    outputs: list[CallOutput] = field(default_factory=list)  # empty: every output
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None  # the client's own deadline; may shorten the server's
+    request_id: str = ""  # trace id for logs (X-Request-ID)
+    id: str | None = None  # the protocol's request id, echoed in the response
+    lease: BodyLease | None = None  # the arena slot a REST body was streamed into
+
+
+@dataclass(slots=True)
+class ResultTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: memoryview | None  # None when written into the client's region
+    nbytes: int
+    requested: CallOutput | None  # what the client asked for this output (None: not named)
+    classes: Array | None = None  # classification: BYTES "value:index", already computed
+
+    def array(self) -> Array:
+        """The output as numpy (a view of shared memory; BYTES: an object array of bytes)."""
+        if self.classes is not None:
+            return self.classes
+        assert self.data is not None
+        if self.datatype == "BYTES":
+            return datatypes.deserialize_bytes(self.data, _count(self.shape)).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
+
+
+@dataclass
+class CallResult:
+    """Outputs as views of shared memory, valid until ``release()`` (or the end of ``with``)."""
+
+    entry: ModelEntry
+    id: str | None
+    outputs: list[ResultTensor]
+    _infer: InferResult
+
+    @property
+    def model(self) -> str:
+        return self.entry.model_id
+
+    @property
+    def version(self) -> str:
+        return self.entry.version
+
+    def release(self) -> None:
+        self.outputs = []
+        self._infer.release()
+
+    def __enter__(self) -> CallResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _count(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def bad(message: str, status: int = 400, code: str = "bad_request") -> ApiError:
+    return ApiError(status, code, message)
+
+
+# --- checks against the model --------------------------------------------------------------
+
+
+def check_inputs_against(call: InferenceCall, schema: ModelSchema, service: Service) -> None:
+    """Names, datatypes, shapes and sizes of the inputs, and the server's bounds on them."""
+    settings = service.settings
+    check_inputs(settings, len(call.inputs), "inputs")
+    specs = {s.name: s for s in schema.inputs}
+    seen: set[str] = set()
+    for tensor in call.inputs:
+        if tensor.name in seen:
+            raise bad(f"input '{tensor.name}' appears twice")
+        seen.add(tensor.name)
+        spec = specs.get(tensor.name)
+        _check_spec(tensor, spec)
+        assert spec is not None
+        if tensor.shape and spec.shape and spec.shape[0] < 0:
+            check_rows(settings, tensor.shape[0], f"input '{tensor.name}'")
+        _check_size(tensor)
+    missing = sorted(set(specs) - seen)
+    if missing:
+        raise bad(f"missing input(s) {missing} for the model")
+    region_bytes = sum(t.region.byte_size for t in call.inputs if t.region is not None)
+    if region_bytes > settings.max_request_bytes:
+        # A worker copies region inputs into its own memory: bounded like a body would be.
+        raise too_large(
+            f"shared-memory inputs of {region_bytes} bytes", "MAX_REQUEST_BYTES", settings.max_request_bytes
+        )
+
+
+def _check_spec(tensor: CallInput, spec: TensorSpec | None) -> None:
+    where = f"input '{tensor.name}'"
+    if spec is None:
+        raise bad(f"unexpected inference input '{tensor.name}' for the model")
+    if tensor.datatype not in datatypes.KNOWN:
+        raise bad(f"{where}: unknown datatype {tensor.datatype!r}")
+    if tensor.datatype not in datatypes.SUPPORTED:
+        raise bad(f"{where}: datatype {tensor.datatype} is not supported", 501, "not_implemented")
+    if tensor.datatype != spec.datatype:
+        raise bad(f"{where}: datatype {tensor.datatype} does not match the model's {spec.datatype}")
+    if any(d < 0 for d in tensor.shape):
+        raise bad(f"{where}: shape {tensor.shape} has a negative dimension")
+    if len(tensor.shape) != len(spec.shape) or any(
+        w >= 0 and w != g for w, g in zip(spec.shape, tensor.shape, strict=False)
+    ):
+        raise bad(f"{where}: shape {tensor.shape} does not match the model's {spec.shape}")
+
+
+def _check_size(tensor: CallInput) -> None:
+    """Raw bytes and region sizes agree with the shape (BYTES: every element is complete)."""
+    where = f"input '{tensor.name}'"
+    want = None if tensor.datatype == "BYTES" else datatypes.nbytes_of(tensor.datatype, tensor.shape)
+    if tensor.region is not None:
+        if want is not None and tensor.region.byte_size != want:
+            raise bad(
+                f"{where}: shared_memory_byte_size {tensor.region.byte_size} does not match shape "
+                f"{tensor.shape} of {tensor.datatype} ({want} bytes)"
+            )
+    elif tensor.raw is not None:
+        if want is None:
+            try:
+                datatypes.deserialize_bytes(tensor.raw, _count(tensor.shape))
+            except ValueError as exc:
+                raise bad(f"{where}: {exc}") from None
+        elif len(tensor.raw) != want:
+            raise bad(
+                f"{where}: {len(tensor.raw)} bytes of data do not match shape {tensor.shape} "
+                f"of {tensor.datatype} ({want} bytes)"
+            )
+    elif tensor.array is None:
+        raise bad(f"{where} has no data")
+
+
+def check_outputs_against(call: InferenceCall, schema: ModelSchema) -> None:
+    known = {o.name for o in schema.outputs}
+    for out in call.outputs:
+        if out.name not in known:
+            raise bad(f"unexpected inference output '{out.name}' for the model")
+        if out.classification and out.region is not None:
+            raise bad(f"output '{out.name}': classification results are not written to shared memory")
+
+
+# --- shared memory regions -----------------------------------------------------------------
+
+
+async def resolve_region(coordinator: CoordinatorClient, ref: RegionRef, where: str) -> TensorRef:
+    """A descriptor of ``ref`` in the registered region, or a 400 naming what is wrong."""
+    region = coordinator.table.regions.get(ref.name)
+    if region is None:
+        # Registered through another frontend process a moment ago, and this process's
+        # snapshot predates it: ask the coordinator (the owner of registrations) once.
+        await coordinator.refresh()
+        region = coordinator.table.regions.get(ref.name)
+    if region is None:
+        raise bad(f"{where}: shared memory region '{ref.name}' is not registered", code="bad_region")
+    if ref.offset + ref.byte_size > region.byte_size:
+        raise bad(
+            f"{where}: offset {ref.offset} + size {ref.byte_size} exceeds shared memory region "
+            f"'{ref.name}' of {region.byte_size} bytes",
+            code="bad_region",
+        )
+    return TensorRef(where, "", [], region.key, region.offset + ref.offset, ref.byte_size)
+
+
+async def _dispatch_inputs(service: Service, call: InferenceCall) -> list[InputTensor]:
+    inputs: list[InputTensor] = []
+    for t in call.inputs:
+        if t.region is not None:
+            ref = await resolve_region(service.coordinator, t.region, f"input '{t.name}'")
+            ref = msgspec.structs.replace(ref, name=t.name, datatype=t.datatype, shape=t.shape)
+            inputs.append(InputTensor(t.name, t.datatype, t.shape, region=ref))
+        else:
+            inputs.append(
+                InputTensor(t.name, t.datatype, t.shape, t.array, t.raw, arena_offset=t.arena_offset)
+            )
+    return inputs
+
+
+async def _client_outputs(service: Service, call: InferenceCall) -> list[TensorRef]:
+    refs: list[TensorRef] = []
+    for out in call.outputs:
+        if out.region is not None:
+            ref = await resolve_region(service.coordinator, out.region, f"output '{out.name}'")
+            refs.append(msgspec.structs.replace(ref, name=out.name))
+    return refs
+
+
+# --- the call -------------------------------------------------------------------------------
+
+
+async def execute(service: Service, call: InferenceCall, tracker: Tracker) -> CallResult:
+    """Run ``call``: the one inference path every protocol shares."""
+    entry = await service.entry(call.model, call.version)
+    assert entry.schema is not None
+    tracker.model, tracker.version = entry.model_id, entry.version
+    model_var.set(f"{entry.model_id}:{entry.version}")
+    check_inputs_against(call, entry.schema, service)
+    check_outputs_against(call, entry.schema)
+    inputs = await _dispatch_inputs(service, call)
+    client_outputs = await _client_outputs(service, call)
+    names = [o.name for o in call.outputs]
+    infer = await service.infer(
+        entry, inputs, names, call.request_id, client_outputs, timeout_s=call.timeout_s, body=call.lease
+    )
+    tracker.result = infer
+    try:
+        outputs = [_result_tensor(t, call) for t in infer.outputs]
+    except BaseException:
+        infer.release()
+        raise
+    return CallResult(entry, call.id, outputs, infer)
+
+
+def _result_tensor(tensor: OutputTensor, call: InferenceCall) -> ResultTensor:
+    requested = next((o for o in call.outputs if o.name == tensor.name), None)
+    result = ResultTensor(tensor.name, tensor.datatype, tensor.shape, tensor.data, tensor.nbytes, requested)
+    if requested is not None and requested.classification:
+        try:
+            classes = top_k(tensor.array(), requested.classification)
+        except ClassificationError as exc:
+            raise bad(f"output '{tensor.name}': {exc}") from None
+        result.classes, result.datatype, result.shape = classes, "BYTES", list(classes.shape)
+    return result
