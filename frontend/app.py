@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.routing import compile_path
 from starlette.types import ASGIApp
 
 from ipc.arena import pid_alive
 from model_server import __version__, metrics
 from model_server.settings import Settings, get_settings
 
-from . import auth, errors, v1, v2
+from . import auth, v1, v2
+from .coordinator_client import CoordinatorUnavailable
+from .errors import ApiError, error_response, render
 from .fastpath import InferenceFastPath
 from .middleware import Activity, RequestContextMiddleware
 from .service import Service
@@ -57,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc",
         openapi_url="/openapi.json",
     )
-    errors.install(app)
+    install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.state.activity = Activity()
@@ -88,3 +95,59 @@ def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
         activity=app.state.activity,
         body_timeout_s=settings.body_timeout_s,
     )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own errors (validation, 404, 405) in the one error shape (``frontend/errors.py``)."""
+
+    async def _known(request: Request, exc: Exception) -> Response:
+        return render(request.url.path, exc)
+
+    for kind in (ApiError, CoordinatorUnavailable, Exception):
+        app.add_exception_handler(kind, _known)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(request.url.path, 422, "invalid_request", message, {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            raised = (exc.headers or {}).get("Allow")
+            response.headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path, raised))
+        return response
+
+
+def allowed_methods(app: FastAPI, path: str, raised: str | None) -> list[str]:
+    """Every method some route serves at ``path`` (RFC 9110: what a 405's ``Allow`` lists).
+
+    Starlette names only the methods of the first route whose path matched, so a path
+    served by several routes (GET and DELETE ``/v1/models/{id}/{version}``) would list
+    one. The documented operations are the routes' own table (the inference paths the
+    fast path serves are documented too); ``raised`` adds an undocumented route's.
+    """
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (compile_path(template)[0], {method.upper() for method in operations})
+            for template, operations in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_table = table
+    methods = {m.strip() for m in (raised or "").split(",") if m.strip()}
+    for pattern, served in table:
+        if pattern.match(path):
+            methods |= served
+    return sorted(methods)

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from ipc import datatypes
 from ipc.messages import ModelEntry, ModelSchema, TensorRef, TensorSpec
 from model_server.logs import model_var
+from model_server.settings import Settings
 
 from .classification import ClassificationError, top_k
 from .coordinator_client import CoordinatorClient
@@ -31,6 +32,7 @@ from .dispatcher import BodyLease, InferResult, InputTensor, OutputTensor
 from .errors import ApiError
 from .limits import check_inputs, check_rows, too_large
 from .service import Service, Tracker
+from .tensors import check_shape, from_raw_json, invalid
 
 Array = npt.NDArray[Any]
 
@@ -46,8 +48,9 @@ class RegionRef:
 
 @dataclass(slots=True)
 class CallInput:
-    """One input tensor. Exactly one of ``array``, ``raw`` and ``region`` is set.
+    """One input tensor. Exactly one of ``array``, ``raw``, ``json`` and ``region`` is set.
 
+    ``json`` is the text of a REST ``data`` value, converted only after the checks pass.
     ``raw`` is the tensor's little-endian bytes (BYTES: each element a 4-byte
     little-endian length then its bytes), as the binary extension and gRPC's
     ``raw_input_contents`` carry it; ``arena_offset`` says it already lies in
@@ -61,6 +64,7 @@ class CallInput:
     raw: bytes | memoryview | None = None
     arena_offset: int | None = None
     region: RegionRef | None = None
+    json: msgspec.Raw | None = None
 
 
 @dataclass(slots=True)
@@ -148,9 +152,8 @@ def bad(message: str, status: int = 400, code: str = "bad_request") -> ApiError:
 # --- checks against the model --------------------------------------------------------------
 
 
-def check_inputs_against(call: InferenceCall, schema: ModelSchema, service: Service) -> None:
+def check_inputs_against(call: InferenceCall, schema: ModelSchema, settings: Settings) -> None:
     """Names, datatypes, shapes and sizes of the inputs, and the server's bounds on them."""
-    settings = service.settings
     check_inputs(settings, len(call.inputs), "inputs")
     specs = {s.name: s for s in schema.inputs}
     seen: set[str] = set()
@@ -166,7 +169,7 @@ def check_inputs_against(call: InferenceCall, schema: ModelSchema, service: Serv
         _check_size(tensor)
     missing = sorted(set(specs) - seen)
     if missing:
-        raise bad(f"missing input(s) {missing} for the model")
+        raise invalid(f"missing input(s) {missing} for the model")
     region_bytes = sum(t.region.byte_size for t in call.inputs if t.region is not None)
     if region_bytes > settings.max_request_bytes:
         # A worker copies region inputs into its own memory: bounded like a body would be.
@@ -178,19 +181,16 @@ def check_inputs_against(call: InferenceCall, schema: ModelSchema, service: Serv
 def _check_spec(tensor: CallInput, spec: TensorSpec | None) -> None:
     where = f"input '{tensor.name}'"
     if spec is None:
-        raise bad(f"unexpected inference input '{tensor.name}' for the model")
+        raise invalid(f"unexpected inference input '{tensor.name}' for the model")
     if tensor.datatype not in datatypes.KNOWN:
         raise bad(f"{where}: unknown datatype {tensor.datatype!r}")
     if tensor.datatype not in datatypes.SUPPORTED:
         raise bad(f"{where}: datatype {tensor.datatype} is not supported", 501, "not_implemented")
     if tensor.datatype != spec.datatype:
-        raise bad(f"{where}: datatype {tensor.datatype} does not match the model's {spec.datatype}")
+        raise invalid(f"{where}: datatype {tensor.datatype} does not match the model's {spec.datatype}")
     if any(d < 0 for d in tensor.shape):
         raise bad(f"{where}: shape {tensor.shape} has a negative dimension")
-    if len(tensor.shape) != len(spec.shape) or any(
-        w >= 0 and w != g for w, g in zip(spec.shape, tensor.shape, strict=False)
-    ):
-        raise bad(f"{where}: shape {tensor.shape} does not match the model's {spec.shape}")
+    check_shape(spec, tensor.shape, where)
 
 
 def _check_size(tensor: CallInput) -> None:
@@ -214,15 +214,15 @@ def _check_size(tensor: CallInput) -> None:
                 f"{where}: {len(tensor.raw)} bytes of data do not match shape {tensor.shape} "
                 f"of {tensor.datatype} ({want} bytes)"
             )
-    elif tensor.array is None:
-        raise bad(f"{where} has no data")
+    elif tensor.array is None and tensor.json is None:
+        raise bad(f"{where} has no data, binary_data_size or shared_memory_region")
 
 
 def check_outputs_against(call: InferenceCall, schema: ModelSchema) -> None:
     known = {o.name for o in schema.outputs}
     for out in call.outputs:
         if out.name not in known:
-            raise bad(f"unexpected inference output '{out.name}' for the model")
+            raise invalid(f"unexpected inference output '{out.name}' for the model")
         if out.classification and out.region is not None:
             raise bad(f"output '{out.name}': classification results are not written to shared memory")
 
@@ -256,6 +256,9 @@ async def _dispatch_inputs(service: Service, call: InferenceCall) -> list[InputT
             ref = await resolve_region(service.coordinator, t.region, f"input '{t.name}'")
             ref = msgspec.structs.replace(ref, name=t.name, datatype=t.datatype, shape=t.shape)
             inputs.append(InputTensor(t.name, t.datatype, t.shape, region=ref))
+        elif t.json is not None:
+            array = from_raw_json(t.json, t.datatype, t.shape, f"input '{t.name}'")
+            inputs.append(InputTensor(t.name, t.datatype, t.shape, array))
         else:
             inputs.append(
                 InputTensor(t.name, t.datatype, t.shape, t.array, t.raw, arena_offset=t.arena_offset)
@@ -281,7 +284,7 @@ async def execute(service: Service, call: InferenceCall, tracker: Tracker) -> Ca
     assert entry.schema is not None
     tracker.model, tracker.version = entry.model_id, entry.version
     model_var.set(f"{entry.model_id}:{entry.version}")
-    check_inputs_against(call, entry.schema, service)
+    check_inputs_against(call, entry.schema, service.settings)
     check_outputs_against(call, entry.schema)
     inputs = await _dispatch_inputs(service, call)
     client_outputs = await _client_outputs(service, call)

@@ -49,6 +49,7 @@ from ipc.messages import (
 )
 
 from .coordinator_client import Table
+from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,8 @@ RECONNECT_POLL_S = 0.01
 UNKNOWN_OUTPUT_BYTES = 64 * 1024
 
 
-class DispatchError(Exception):
-    """A request could not be served; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+# One error type for the frontend (frontend/errors.py); the name stays for this module's callers.
+DispatchError = ApiError
 
 
 @dataclass

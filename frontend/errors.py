@@ -1,27 +1,27 @@
-"""One error shape for the whole HTTP surface.
+"""The one error type of the frontend, and its rendering per protocol.
 
-``/v1`` and the seed's paths answer ``{"error": {"code", "message", "request_id", "details"}}``;
-``/v2`` answers ``{"error": "<message>"}`` as the Open Inference Protocol's
-implementations (Triton, MLServer, KServe) do, so their clients parse it.
+Anything that refuses a request raises ``ApiError`` (status, code, message,
+details, retry-after): the codecs, ``call.execute``, the service, the dispatcher
+(``DispatchError`` is this class) and the body readers. This module imports no
+other frontend module but the coordinator client's exception, so every one of
+them can import it. Rendered here, once per protocol:
+
+* ``/v1`` and the seed's paths: ``{"error": {"code", "message", "request_id", "details"}}``;
+* ``/v2``: ``{"error": "<message>"}`` as Triton, MLServer and KServe answer, 422 as 400;
+* gRPC: ``describe`` gives the ``ApiError`` for any exception, the caller maps its status.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import compile_path
 
 from model_server.logs import request_id_var
 
 from .coordinator_client import CoordinatorUnavailable
-from .dispatcher import DispatchError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,20 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+def describe(exc: BaseException) -> ApiError | None:
+    """The ``ApiError`` an exception the server raises on purpose stands for; None for a bug."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, CoordinatorUnavailable):
+        return ApiError(503, "coordinator_unavailable", str(exc), retry_after=1)
+    return None
+
+
+def v2_status(status: int) -> int:
+    """The Open Inference Protocol answers bad input with 400 (the /v1 API uses 422)."""
+    return 400 if status == 422 else status
+
+
 def error_response(
     request_path: str,
     status: int,
@@ -51,14 +65,18 @@ def error_response(
     details: dict[str, Any] | None = None,
     retry_after: float | None = None,
 ) -> Response:
-    request_id = request_id_var.get()
+    body: dict[str, Any]
     if request_path.startswith("/v2"):
-        body: dict[str, Any] = {"error": message}
-        # The protocol's implementations answer bad input with 400 (the /v1 API uses 422).
-        status = 400 if status == 422 else status
+        body = {"error": message}
+        status = v2_status(status)
     else:
         body = {
-            "error": {"code": code, "message": message, "request_id": request_id, "details": details or {}}
+            "error": {
+                "code": code,
+                "message": message,
+                "request_id": request_id_var.get(),
+                "details": details or {},
+            }
         }
     headers: dict[str, str] = {}  # X-Request-ID is added by the middleware on every response
     if retry_after is not None:
@@ -66,76 +84,19 @@ def error_response(
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def exception_response(path: str, exc: Exception) -> Response | None:
+def exception_response(path: str, exc: BaseException) -> Response | None:
     """The error response for an exception the API raises on purpose; None for anything else."""
-    if isinstance(exc, ApiError):
-        return error_response(path, exc.status, exc.code, exc.message, exc.details, exc.retry_after)
-    if isinstance(exc, DispatchError):
-        return error_response(path, exc.status, exc.code, exc.message, retry_after=exc.retry_after)
-    if isinstance(exc, CoordinatorUnavailable):
-        return error_response(path, 503, "coordinator_unavailable", str(exc), retry_after=1)
-    return None
+    error = describe(exc)
+    if error is None:
+        return None
+    return error_response(path, error.status, error.code, error.message, error.details, error.retry_after)
 
 
-def internal_error(path: str, exc: Exception) -> Response:
+def internal_error(path: str, exc: BaseException) -> Response:
     log.error("unhandled error on %s", path, exc_info=exc)
     return error_response(path, 500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
-def allowed_methods(app: FastAPI, path: str, raised: str | None) -> list[str]:
-    """Every method some route serves at ``path`` (RFC 9110: what a 405's ``Allow`` lists).
-
-    Starlette names only the methods of the first route whose path matched, so a path
-    served by several routes (GET and DELETE ``/v1/models/{id}/{version}``) would list
-    one. The documented operations are the routes' own table (the inference paths the
-    fast path serves are documented too); ``raised`` adds an undocumented route's.
-    """
-    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
-    if table is None:
-        table = [
-            (compile_path(template)[0], {method.upper() for method in operations})
-            for template, operations in app.openapi().get("paths", {}).items()
-        ]
-        app.state.allow_table = table
-    methods = {m.strip() for m in (raised or "").split(",") if m.strip()}
-    for pattern, served in table:
-        if pattern.match(path):
-            methods |= served
-    return sorted(methods)
-
-
-def install(app: FastAPI) -> None:
-    async def _known(request: Request, exc: Exception) -> Response:
-        response = exception_response(request.url.path, exc)
-        return response if response is not None else internal_error(request.url.path, exc)
-
-    for kind in (ApiError, DispatchError, CoordinatorUnavailable):
-        app.add_exception_handler(kind, _known)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
-        return error_response(request.url.path, 422, "invalid_request", message, {"errors": errors})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error"
-        )
-        response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
-        if exc.headers:
-            response.headers.update(exc.headers)
-        if exc.status_code == 405:
-            raised = (exc.headers or {}).get("Allow")
-            response.headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path, raised))
-        return response
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> Response:
-        return internal_error(request.url.path, exc)
+def render(path: str, exc: BaseException) -> Response:
+    """The response for any exception on ``path``: its own error, or a logged 500."""
+    return exception_response(path, exc) or internal_error(path, exc)

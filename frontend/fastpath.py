@@ -6,7 +6,7 @@ a worker (see BENCHMARKS.md). Inference requests therefore go straight from
 the request-context middleware to the same handlers the FastAPI routes call
 (``v1.infer_v1``, ``v2.infer_v2``); everything else, including the documented
 routes for ``/docs``, goes through FastAPI. Errors are answered with the same
-``errors.exception_response`` as the FastAPI handlers.
+``errors.render`` as the FastAPI handlers.
 
 No slow client can hold the arena: a binary body is streamed into an arena slot
 only after its model was found ready, and only while the bodies still arriving
@@ -22,18 +22,20 @@ import re
 from urllib.parse import unquote
 
 from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ipc.arena import ALIGNMENT, Arena
 from model_server.settings import Settings
 
-from .compression import compress_response, decompress_request
-from .dispatcher import BodyLease, DispatchError
-from .errors import ApiError, exception_response, internal_error
+from .compression import compress_response
+from .dispatcher import BodyLease
+from .errors import ApiError, render
 from .limits import check_json_size
 from .service import Service
 from .v1 import infer_v1
-from .v2 import HEADER_LENGTH, infer_v2
+from .v2 import infer_v2
+from .v2_codec import HEADER_LENGTH
 
 _V2 = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 
@@ -50,54 +52,50 @@ class InferenceFastPath:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path == "/v1/infer":
-            model = version = None
-            protocol = "v1"
-        else:
-            match = _V2.match(path)
-            if match is None:
-                await self.app(scope, receive, send)
-                return
-            model, version = unquote(match["model"]), match["version"]
-            protocol = "v2"
+        match = None if path == "/v1/infer" else _V2.match(path)
+        if match is None and path != "/v1/infer":
+            await self.app(scope, receive, send)
+            return
         service: Service = self.state.service  # type: ignore[attr-defined]
-        lease: BodyLease | None = None
         try:
-            if protocol == "v1":
+            if match is None:
                 plain = _plain_json(service, scope)
-                raw = await _read_body(receive, service.settings if plain else None)
-                limit = service.settings.max_request_bytes
-                response = await infer_v1(
-                    service, bytes(decompress_request(Headers(scope=scope), raw, limit))
-                )
+                body = await _read_body(receive, service.settings if plain else None)
+                response = await infer_v1(service, Headers(scope=scope), body)
             else:
-                assert model is not None
-                headers = Headers(scope=scope)
-                plain = HEADER_LENGTH not in headers and _plain_json(service, scope)
-                sizes = _binary_sizes(service, headers)
-                if sizes is not None:
-                    # Before anything is reserved or read: 404/409/503 for a model not ready.
-                    await service.entry(model, unquote(version) if version else None)
-                    lease = self._lease_for(service, *sizes)
-                if lease is None:
-                    body: bytes | memoryview = await _read_body(receive, service.settings if plain else None)
-                else:
-                    self.pending_body_bytes += lease.slot.size
-                    try:
-                        body = await _stream_into(service.dispatcher.arena, lease, receive)
-                    finally:
-                        self.pending_body_bytes -= lease.slot.size
-                response = await infer_v2(
-                    service, model, unquote(version) if version else None, headers, body, lease
-                )
+                version = match["version"]
+                model, version = unquote(match["model"]), unquote(version) if version else None
+                response = await self._v2(service, scope, receive, model, version)
             if service.settings.response_compression:
                 response = compress_response(response, _accept_encoding(scope))
         except Exception as exc:
-            response = exception_response(path, exc) or internal_error(path, exc)
+            response = render(path, exc)
+        await response(scope, receive, send)
+
+    async def _v2(
+        self, service: Service, scope: Scope, receive: Receive, model: str, version: str | None
+    ) -> Response:
+        headers = Headers(scope=scope)
+        plain = HEADER_LENGTH not in headers and _plain_json(service, scope)
+        sizes = _binary_sizes(service, headers)
+        lease: BodyLease | None = None
+        try:
+            if sizes is not None:
+                # Before anything is reserved or read: 404/409/503 for a model not ready.
+                await service.entry(model, version)
+                lease = self._lease_for(service, *sizes)
+            if lease is None:
+                body: bytes | memoryview = await _read_body(receive, service.settings if plain else None)
+            else:
+                self.pending_body_bytes += lease.slot.size
+                try:
+                    body = await _stream_into(service.dispatcher.arena, lease, receive)
+                finally:
+                    self.pending_body_bytes -= lease.slot.size
+            return await infer_v2(service, model, version, headers, body, lease)
         finally:
             if lease is not None and lease.owned:
                 service.dispatcher.arena.free(lease.slot)  # never handed to a worker
-        await response(scope, receive, send)
 
     def _lease_for(self, service: Service, size: int, header_size: int) -> BodyLease | None:
         """A slot for a binary-extension body, or None to read it into process memory.
@@ -114,7 +112,7 @@ class InferenceFastPath:
             return None
         try:
             slot = service.dispatcher.reserve(pad + size)
-        except DispatchError:
+        except ApiError:
             return None
         return BodyLease(slot, slot.offset + pad, size)
 

@@ -7,14 +7,10 @@ processes listening on the port.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
@@ -45,8 +41,12 @@ class DrainingServer(uvicorn.Server):
     """uvicorn with a drain: on SIGTERM, /ready and new inferences answer 503 at once while the
     requests already running finish (up to MODEL_SERVER_DRAIN_SECONDS); then uvicorn shuts down.
 
-    The signal handler only records the time; the drain runs in ``on_tick`` on the event loop.
-    A second signal exits at once. The process exits 0 after a drain, not by re-raising the signal.
+    Built on uvicorn's public hooks only: ``handle_exit`` is the handler its
+    ``capture_signals`` installs for SIGINT and SIGTERM, and ``on_tick`` runs on the event loop
+    every 100 ms; ``should_exit``/``force_exit`` end ``main_loop`` and skip the graceful wait.
+    The handler only records the time (the drain runs in ``on_tick``); a second signal exits at
+    once. Not calling uvicorn's own ``handle_exit`` keeps the signal from being re-raised after
+    the shutdown, so the process exits 0 after a drain.
     """
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
@@ -54,18 +54,6 @@ class DrainingServer(uvicorn.Server):
         self.app = app
         self.drain_seconds = drain_seconds
         self.drain_started: float | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_started is None:

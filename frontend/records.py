@@ -9,7 +9,7 @@ Two input forms:
   ``metadata_props`` or an MLflow signature).
 * **named tensors**: an object, input name -> nested lists.
 
-Every mismatch is a ``PayloadError`` (HTTP 422) that names the feature, the row
+Every mismatch is an ``ApiError`` 422 that names the feature, the row
 and what was expected. Outputs go back as one record per input row.
 """
 
@@ -23,96 +23,50 @@ import orjson
 
 from ipc import datatypes
 from ipc.messages import ModelSchema, TensorSpec
+from model_server.settings import Settings
+
+from .errors import ApiError
+from .limits import check_inputs, check_rows
+from .tensors import check_shape, from_json, invalid, kind_ok
 
 Array = npt.NDArray[Any]
 JSON_OUTPUTS_KEY = "json_outputs"
 
 
-class PayloadError(ValueError):
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details or {}
+def _array(values: Any, datatype: str, what: str) -> Array:
+    """JSON values as the /v1 API reads them: true/false are numbers, 0/1 booleans."""
+    return from_json(values, datatype, what, lenient=True)
 
 
-def _kind_ok(value: Any, datatype: str) -> bool:
-    if datatype == "BYTES":
-        return isinstance(value, str)
-    if datatype == "BOOL":
-        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
-    if isinstance(value, bool):
-        return True
-    if datatype.startswith(("INT", "UINT")):
-        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    return isinstance(value, int | float)
+def check_bounds(settings: Settings, inputs: Any, schema: ModelSchema) -> None:
+    """Rows and inputs bounded before the values are converted (records are copied column by column)."""
+    if isinstance(inputs, list):
+        check_rows(settings, len(inputs), "inputs")
+        if inputs and isinstance(inputs[0], dict):
+            check_inputs(settings, len(inputs[0]), "features in inputs[0]")
+    elif isinstance(inputs, dict):
+        check_inputs(settings, len(inputs), "named input tensors")
+        for spec in schema.inputs:
+            value = inputs.get(spec.name)
+            if spec.shape and spec.shape[0] < 0 and isinstance(value, list):
+                check_rows(settings, len(value), f"input {spec.name!r}")
 
 
-def coerce(values: Any, datatype: str, what: str) -> Array:
-    """Array of ``datatype`` from JSON values; strings for numbers (and the reverse) are rejected."""
-    if datatype == "BYTES":
-        arr = np.array(values, dtype=object)
-        flat = arr.reshape(-1)
-        for i, value in enumerate(flat):
-            if not isinstance(value, str | bytes):
-                raise PayloadError(f"{what}: element {i} is {type(value).__name__}, expected a string")
-        return arr
-    dtype = datatypes.numpy_dtype(datatype)
-    try:
-        probe = np.asarray(values)
-    except ValueError as exc:
-        raise PayloadError(f"{what}: ragged or malformed nested lists ({exc})") from None
-    if probe.dtype.kind not in "biuf":
-        raise PayloadError(f"{what}: {_first_bad(values, datatype)}, expected {datatype} numbers")
-    if datatype == "BOOL":
-        # true/false, or 0/1: any other number is a mistake, not a truth value.
-        if probe.dtype.kind != "b" and probe.size and not np.all((probe == 0) | (probe == 1)):
-            raise PayloadError(f"{what}: {_first_bad(values, datatype)}, expected true/false or 0/1")
-        return probe.astype(dtype, copy=False)
-    if dtype.kind in "iu" and probe.size:
-        if probe.dtype.kind == "f" and not (np.all(np.isfinite(probe)) and np.all(probe == np.floor(probe))):
-            raise PayloadError(f"{what}: non-integer value for {datatype}")
-        info = np.iinfo(dtype.type)  # type: ignore[type-var]
-        # Checked on the values as parsed (ints or integral floats alike), before any cast wraps them.
-        if probe.min() < info.min or probe.max() > info.max:
-            raise PayloadError(f"{what}: value out of range for {datatype} [{info.min}, {info.max}]")
-    return probe.astype(dtype, copy=False)
-
-
-def _flat(values: Any) -> list[Any]:
-    if not isinstance(values, list):
-        return [values]
-    out: list[Any] = []
-    for value in values:
-        out.extend(_flat(value) if isinstance(value, list) else [value])
-    return out
-
-
-def _first_bad(values: Any, datatype: str) -> str:
-    """The first offending element, looked up in the JSON values (not a numpy conversion of them)."""
-    for i, value in enumerate(_flat(values)):
-        if not _kind_ok(value, datatype):
-            return f"element {i} is {type(value).__name__} {value!r}"
-    return "values are not all of one numeric kind"
-
-
-def _check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str) -> None:
-    if len(spec.shape) != len(shape):
-        raise PayloadError(
-            f"{what}: shape {list(shape)} has rank {len(shape)}, the model expects {spec.shape}",
-            {"expected_shape": spec.shape, "shape": list(shape)},
-        )
-    for want, got in zip(spec.shape, shape, strict=True):
-        if want >= 0 and want != got:
-            raise PayloadError(
-                f"{what}: shape {list(shape)} does not match the model's {spec.shape}",
-                {"expected_shape": spec.shape, "shape": list(shape)},
-            )
+def to_tensors(inputs: Any, schema: ModelSchema) -> tuple[dict[str, Array], int]:
+    """The model's inputs from records or named tensors, and the number of rows."""
+    if isinstance(inputs, list):
+        return records_to_tensors(inputs, schema), len(inputs)
+    if isinstance(inputs, dict):
+        arrays = named_to_tensors(inputs, schema)
+        first = next(iter(arrays.values()))
+        return arrays, first.shape[0] if first.ndim else 1
+    raise invalid("inputs: expected a list of records or an object of named tensors")
 
 
 def _zero_rows(spec: TensorSpec, trailing_unknown: int = 1) -> Array:
     """An empty batch of ``spec``: zero rows are valid and answer zero rows, as in ONNX Runtime."""
     if not spec.shape or spec.shape[0] >= 0:
-        raise PayloadError(f"input {spec.name!r} has no variable batch dimension: send at least one row")
+        raise invalid(f"input {spec.name!r} has no variable batch dimension: send at least one row")
     trailing = [d if d >= 0 else trailing_unknown for d in spec.shape[1:]]
     if spec.datatype == "BYTES":
         return np.empty((0, *trailing), dtype=object)
@@ -127,7 +81,7 @@ def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Arr
         return {spec.name: _zero_rows(spec, unknown) for spec in schema.inputs}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise PayloadError(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
+            raise invalid(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
     inputs = schema.inputs
     names = {spec.name for spec in inputs}
     keys = set(records[0])
@@ -149,7 +103,7 @@ def _row_keys_check(records: list[dict[str, Any]], expected: list[str]) -> None:
                 parts.append(f"missing feature(s) {', '.join(missing)}")
             if extra:
                 parts.append(f"unexpected feature(s) {', '.join(extra)}")
-            raise PayloadError(
+            raise invalid(
                 f"inputs[{i}]: {'; '.join(parts)}",
                 {"row": i, "missing": missing, "unexpected": extra, "expected": expected},
             )
@@ -161,13 +115,13 @@ def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dic
     n = len(records)
     for spec in inputs:
         column = [record[spec.name] for record in records]
-        arr = coerce(column, spec.datatype, f"feature {spec.name!r}")
+        arr = _array(column, spec.datatype, f"feature {spec.name!r}")
         shape = (n, *arr.shape[1:])
         if len(spec.shape) == 2 and arr.ndim == 1 and spec.shape[1] in (1, -1):
             arr = arr.reshape(n, 1)
         elif len(spec.shape) == len(shape) + 1 and spec.shape[-1] == 1:
             arr = arr.reshape(*shape, 1)
-        _check_shape(spec, arr.shape, f"feature {spec.name!r}")
+        check_shape(spec, list(arr.shape), f"feature {spec.name!r}")
         tensors[spec.name] = arr
     return tensors
 
@@ -175,26 +129,26 @@ def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dic
 def _matrix(records: list[dict[str, Any]], spec: TensorSpec, schema: ModelSchema) -> dict[str, Array]:
     features = schema.feature_names
     if not features:
-        raise PayloadError(
+        raise invalid(
             f"model input {spec.name!r} is one [N, F] tensor and the model carries no feature_names "
             "metadata to order record fields: send named tensors instead "
             f'({{"inputs": {{"{spec.name}": [[...], ...]}}}})'
         )
     if spec.shape[1] >= 0 and spec.shape[1] != len(features):
-        raise PayloadError(
+        raise invalid(
             f"model metadata lists {len(features)} features but input {spec.name!r} has {spec.shape[1]}"
         )
     _row_keys_check(records, features)
     matrix = [[record[name] for name in features] for record in records]
     try:
-        return {spec.name: coerce(matrix, spec.datatype, f"input {spec.name!r}")}
-    except PayloadError:
+        return {spec.name: _array(matrix, spec.datatype, f"input {spec.name!r}")}
+    except ApiError:
         # Say which feature is wrong, not just which element.
         for name in features:
             for i, record in enumerate(records):
-                if not _kind_ok(record[name], spec.datatype):
+                if not kind_ok(record[name], spec.datatype, lenient=True):
                     value = record[name]
-                    raise PayloadError(
+                    raise invalid(
                         f"inputs[{i}].{name}: {type(value).__name__} {value!r} is not {spec.datatype}",
                         {"row": i, "feature": name, "expected": spec.datatype},
                     ) from None
@@ -206,16 +160,16 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
     missing = sorted(set(specs) - set(named))
     extra = sorted(set(named) - set(specs))
     if missing or extra:
-        raise PayloadError(
+        raise invalid(
             f"inputs do not match the model: missing {missing}, unexpected {extra}",
             {"missing": missing, "unexpected": extra, "expected": sorted(specs)},
         )
     tensors: dict[str, Array] = {}
     for name, spec in specs.items():
-        arr = coerce(named[name], spec.datatype, f"input {name!r}")
+        arr = _array(named[name], spec.datatype, f"input {name!r}")
         if arr.shape == (0,) and len(spec.shape) > 1:
             arr = _zero_rows(spec)  # ``[]``: zero rows of whatever each row's shape is
-        _check_shape(spec, arr.shape, f"input {name!r}")
+        check_shape(spec, list(arr.shape), f"input {name!r}")
         tensors[name] = arr
     return tensors
 

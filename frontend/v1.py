@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import orjson
+import msgspec
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
@@ -15,10 +16,10 @@ from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
 from . import responses
-from .dispatcher import InputTensor
+from .call import CallInput, CallOutput, InferenceCall, execute
 from .errors import ApiError
-from .limits import check_inputs, check_json_size, check_rows
-from .records import PayloadError, named_to_tensors, records_to_tensors, tensors_to_records
+from .records import check_bounds, tensors_to_records, to_tensors
+from .rest import inference_body, json_response, readiness, service_of
 from .schemas import (
     HealthResponse,
     InferRequestV1,
@@ -28,18 +29,9 @@ from .schemas import (
     ModelList,
     ReadyResponse,
 )
-from .service import Service, Tracker
+from .service import Service
 
 router = APIRouter()
-
-
-def service_of(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
@@ -92,26 +84,6 @@ async def ready(request: Request) -> Response:
     """200 when the coordinator answers, a worker is alive and every start-up model is loaded and warm."""
     body, ok = await readiness(service_of(request))
     return json_response(body, 200 if ok else 503)
-
-
-async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
-    from .coordinator_client import CoordinatorUnavailable
-
-    if service.draining:
-        return {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, False
-    try:
-        reply = await service.coordinator.refresh(timeout=min(1.0, service.settings.coordinator_timeout_s))
-    except CoordinatorUnavailable as exc:
-        return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
-    table = reply.table
-    assert table is not None
-    body = {
-        "ready": table.ready,
-        "reasons": table.reasons,
-        "models": sum(1 for m in table.models if m.state == "ready"),
-        "workers": sum(1 for w in table.workers if w.alive),
-    }
-    return body, table.ready
 
 
 @router.get(
@@ -203,6 +175,17 @@ INFER_BODY = {
 }
 
 
+class _InferBody(msgspec.Struct):
+    """The envelope of ``InferRequestV1``; ``inputs`` (records or named tensors) stays JSON values."""
+
+    model_id: str
+    inputs: Any = None
+    model_version: str | int | float | None = None
+    version: str | int | float | None = None
+    outputs: list[str] = []
+    timeout_ms: float | None = None
+
+
 @router.post(
     "/v1/infer",
     response_model=InferResponseV1,
@@ -212,89 +195,57 @@ INFER_BODY = {
     summary="Run inference",
 )
 async def infer(request: Request) -> Response:
-    """Run one batch: all records (or named tensors) go to the model in a single ONNX Runtime call."""
-    return await infer_v1(service_of(request), await request.body())
+    """Run one batch: all records (or named tensors) go to the model in a single ONNX Runtime call.
+
+    Served by ``frontend.fastpath`` with ``infer_v1`` before FastAPI; this route documents it."""
+    return await infer_v1(service_of(request), request.headers, await request.body())
 
 
-async def infer_v1(service: Service, body: bytes) -> Response:
-    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly."""
+async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | memoryview) -> Response:
+    """One /v1 inference: decode into an ``InferenceCall``, execute, encode records."""
     with service.track("v1") as tracker:
-        return await _infer(service, tracker, body)
+        envelope = _envelope(inference_body(service, headers, body))
+        version = envelope.model_version if envelope.model_version is not None else envelope.version
+        version = str(version) if version is not None else None
+        entry = await service.entry(envelope.model_id, version)
+        assert entry.schema is not None
+        check_bounds(service.settings, envelope.inputs, entry.schema)
+        arrays, rows = to_tensors(envelope.inputs, entry.schema)
+        call = InferenceCall(
+            envelope.model_id,
+            version,
+            [
+                CallInput(s.name, s.datatype, list(arrays[s.name].shape), arrays[s.name])
+                for s in entry.schema.inputs
+            ],
+            [CallOutput(name) for name in envelope.outputs],
+            timeout_s=envelope.timeout_ms / 1000 if envelope.timeout_ms else None,
+            request_id=request_id_var.get(),
+        )
+        with await execute(service, call, tracker) as result:
+            records, whole = tensors_to_records(
+                [(o.name, o.array()) for o in result.outputs], rows, entry.schema
+            )
+        answer: dict[str, Any] = {
+            "request_id": call.request_id,
+            "model_id": result.model,
+            "model_version": result.version,
+            "outputs": records,
+        }
+        if whole:
+            answer["tensors"] = whole
+        return json_response(answer)
 
 
-async def _infer(service: Service, tracker: Tracker, raw_body: bytes) -> Response:
-    settings = service.settings
-    check_json_size(settings, len(raw_body))
-    payload = parse_object(raw_body)
-    model_id = payload.get("model_id")
-    if not isinstance(model_id, str) or not model_id:
+def _envelope(body: bytes | memoryview) -> _InferBody:
+    try:
+        envelope = msgspec.json.decode(body, type=_InferBody)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "invalid_request", f"request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(422, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not envelope.model_id:
         raise ApiError(422, "invalid_request", "model_id: a non-empty string is required")
-    version = payload.get("model_version", payload.get("version"))
-    if version is not None and not isinstance(version, str):
-        version = str(version)
-    timeout_ms = payload.get("timeout_ms")
-    if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or timeout_ms <= 0):
+    if envelope.timeout_ms is not None and envelope.timeout_ms <= 0:
         raise ApiError(422, "invalid_request", "timeout_ms: a positive number of milliseconds is expected")
-    outputs = payload.get("outputs") or []
-    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
-        raise ApiError(422, "invalid_request", "outputs: a list of output names is expected")
-    entry = await service.entry(model_id, version)
-    assert entry.schema is not None
-    tracker.model, tracker.version = entry.model_id, entry.version
-    raw_inputs = payload.get("inputs")
-    # Bounded before the values are converted (records are copied column by column).
-    if isinstance(raw_inputs, list):
-        check_rows(settings, len(raw_inputs), "inputs")
-        if raw_inputs and isinstance(raw_inputs[0], dict):
-            check_inputs(settings, len(raw_inputs[0]), "features in inputs[0]")
-    elif isinstance(raw_inputs, dict):
-        check_inputs(settings, len(raw_inputs), "named input tensors")
-        for spec in entry.schema.inputs:
-            value = raw_inputs.get(spec.name)
-            if spec.shape and spec.shape[0] < 0 and isinstance(value, list):
-                check_rows(settings, len(value), f"input {spec.name!r}")
-    try:
-        if isinstance(raw_inputs, list):
-            arrays = records_to_tensors(raw_inputs, entry.schema)
-            rows = len(raw_inputs)
-        elif isinstance(raw_inputs, dict):
-            arrays = named_to_tensors(raw_inputs, entry.schema)
-            first = next(iter(arrays.values()))
-            rows = first.shape[0] if first.ndim else 1
-        else:
-            raise PayloadError("inputs: expected a list of records or an object of named tensors")
-    except PayloadError as exc:
-        raise ApiError(422, "invalid_input", exc.message, exc.details) from None
-    known = {o.name for o in entry.schema.outputs}
-    unknown = [o for o in outputs if o not in known]
-    if unknown:
-        raise ApiError(422, "invalid_request", f"unknown output(s) {unknown}; the model has {sorted(known)}")
-    inputs = [
-        InputTensor(spec.name, spec.datatype, list(arrays[spec.name].shape), array=arrays[spec.name])
-        for spec in entry.schema.inputs
-    ]
-    request_id = request_id_var.get()
-    timeout_s = timeout_ms / 1000 if timeout_ms else None
-    with await service.infer(entry, inputs, outputs, request_id, timeout_s=timeout_s) as result:
-        tracker.result = result
-        records, whole = tensors_to_records([(o.name, o.array()) for o in result.outputs], rows, entry.schema)
-    body: dict[str, Any] = {
-        "request_id": request_id,
-        "model_id": entry.model_id,
-        "model_version": entry.version,
-        "outputs": records,
-    }
-    if whole:
-        body["tensors"] = whole
-    return json_response(body)
-
-
-def parse_object(body: bytes, status: int = 422) -> dict[str, Any]:
-    """A JSON object body, or the ApiError (``status``: 422 for /v1, 400 for /v2) saying what is wrong."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(status, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ApiError(status, "invalid_request", "body must be a JSON object")
-    return payload
+    return envelope

@@ -3,7 +3,8 @@
 Same coordinator and workers as ``/v1``; errors are ``{"error": "<message>"}``.
 Extensions: binary tensor data, classification (``frontend/classification.py``),
 model repository, statistics (``frontend/stats.py``), and (when
-``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory.
+``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory. Routes with and
+without ``/versions/{version}`` are one handler each (``rest.route_pair``).
 """
 
 from __future__ import annotations
@@ -17,29 +18,25 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ipc import client_shm, datatypes
-from ipc.messages import ShmRegion
+from ipc import client_shm
+from ipc.messages import ShmRegion, TensorSpec
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
 from model_server.naming import version_key
 
-from . import responses, stats, v2_schemas
-from .call import CallInput, CallOutput, InferenceCall, RegionRef, execute
-from .compression import decompress_request
+from . import responses, stats, v2_codec, v2_schemas
+from .call import InferenceCall, execute
 from .dispatcher import BodyLease
 from .errors import ApiError
-from .limits import check_json_size
+from .rest import inference_body, json_response, parse_object, readiness, route_pair, service_of, version_of
 from .schemas import ReadyResponse
-from .service import Service, Tracker
-from .v1 import json_response, parse_object, readiness, service_of
-from .v2_codec import ParsedInput, ProtocolError, encode_response, json_data, output_entry, parse_request
+from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 PLATFORM = "onnxruntime_onnx"
 INFER_BODY = v2_schemas.body(v2_schemas.InferenceRequest)
-HEADER_LENGTH = "inference-header-content-length"
 
 
 def extensions(service: Service) -> list[str]:
@@ -85,24 +82,11 @@ async def all_model_stats(request: Request) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@router.get(
-    "/models/{model}/stats", summary="Statistics of every version of a model", responses=responses.V2_MODEL
+@route_pair(
+    router, "GET", "/models/{model}", "/stats", summary="Model statistics", responses=responses.V2_MODEL
 )
 async def model_stats(model: str, request: Request) -> Response:
-    return await _stats(request, model, None)
-
-
-@router.get(
-    "/models/{model}/versions/{version}/stats",
-    summary="Statistics of a model version",
-    responses=responses.V2_MODEL,
-)
-async def model_version_stats(model: str, version: str, request: Request) -> Response:
-    return await _stats(request, model, version)
-
-
-async def _stats(request: Request, model: str, version: str | None) -> Response:
-    service = service_of(request)
+    service, version = service_of(request), version_of(request)
     entry = await service.entry(model, version, require_ready=False)  # unknown: 404, no table snapshot
     await service.coordinator.refresh()  # the version list below, as the coordinator has it now
     versions = [version] if version is not None else _versions(service, model) or [entry.version]
@@ -111,67 +95,48 @@ async def _stats(request: Request, model: str, version: str | None) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@router.get(
+def _tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+    return [v2_codec.tensor_entry(t.name, t.datatype, t.shape) for t in specs]
+
+
+@route_pair(
+    router,
+    "GET",
     "/models/{model}",
     response_model=v2_schemas.ModelMetadata,
     summary="Model metadata",
     responses=responses.V2_MODEL,
 )
 async def model_metadata(model: str, request: Request) -> Response:
-    return await _metadata(request, model, None)
-
-
-@router.get(
-    "/models/{model}/versions/{version}",
-    response_model=v2_schemas.ModelMetadata,
-    summary="Model version metadata",
-    responses=responses.V2_MODEL,
-)
-async def model_version_metadata(model: str, version: str, request: Request) -> Response:
-    return await _metadata(request, model, version)
-
-
-async def _metadata(request: Request, model: str, version: str | None) -> Response:
     service = service_of(request)
-    entry = await service.entry(model, version, require_ready=False)
+    entry = await service.entry(model, version_of(request), require_ready=False)
     schema = entry.schema
     return json_response(
         {
             "name": entry.model_id,
             "versions": _versions(service, model) or [entry.version],
             "platform": PLATFORM,
-            "inputs": [output_entry(t.name, t.datatype, t.shape) for t in schema.inputs] if schema else [],
-            "outputs": [output_entry(t.name, t.datatype, t.shape) for t in schema.outputs] if schema else [],
+            "inputs": _tensors(schema.inputs) if schema else [],
+            "outputs": _tensors(schema.outputs) if schema else [],
         }
     )
 
 
-@router.get(
-    "/models/{model}/ready",
+@route_pair(
+    router,
+    "GET",
+    "/models/{model}",
+    "/ready",
     response_model=v2_schemas.ModelReady,
     summary="Model ready",
     responses=responses.V2_MODEL_READY,
 )
 async def model_ready(model: str, request: Request) -> Response:
-    return await _model_ready(request, model, None)
-
-
-@router.get(
-    "/models/{model}/versions/{version}/ready",
-    response_model=v2_schemas.ModelReady,
-    summary="Model version ready",
-    responses=responses.V2_MODEL_READY,
-)
-async def model_version_ready(model: str, version: str, request: Request) -> Response:
-    return await _model_ready(request, model, version)
-
-
-async def _model_ready(request: Request, model: str, version: str | None) -> Response:
-    service = service_of(request)
+    version = version_of(request)
     # Asked right after an unload made through another frontend process, this process's
     # snapshot may still say ready; readiness is a control-plane call, so ask the owner
     # (for this model only: an unknown name costs no snapshot of the table).
-    reply = await service.coordinator.lookup(model, version)
+    reply = await service_of(request).coordinator.lookup(model, version)
     if reply.status != 200 or reply.entry is None:
         what = f"{model}:{version}" if version else model
         raise ApiError(404, "model_not_found", f"model {what} is not loaded", {"model_id": model})
@@ -179,22 +144,6 @@ async def _model_ready(request: Request, model: str, version: str | None) -> Res
     ok = entry.state == "ready"
     body = {"name": entry.model_id, "version": entry.version, "ready": ok}
     return json_response(body, 200 if ok else 400)
-
-
-@router.get(
-    "/models/{model}/config", summary="Model configuration (Triton-style)", responses=responses.V2_MODEL
-)
-async def model_config(model: str, request: Request) -> Response:
-    return await _config(request, model, None)
-
-
-@router.get(
-    "/models/{model}/versions/{version}/config",
-    summary="Model version configuration",
-    responses=responses.V2_MODEL,
-)
-async def model_version_config(model: str, version: str, request: Request) -> Response:
-    return await _config(request, model, version)
 
 
 TRITON_TYPES = {
@@ -206,14 +155,22 @@ TRITON_TYPES = {
 }
 
 
-async def _config(request: Request, model: str, version: str | None) -> Response:
+@route_pair(
+    router,
+    "GET",
+    "/models/{model}",
+    "/config",
+    summary="Model configuration (Triton-style)",
+    responses=responses.V2_MODEL,
+)
+async def model_config(model: str, request: Request) -> Response:
     """What Triton's config endpoint returns, so perf_analyzer and tritonclient tools work."""
-    entry = await service_of(request).entry(model, version, require_ready=False)
+    entry = await service_of(request).entry(model, version_of(request), require_ready=False)
     schema = entry.schema
     batching = entry.config.batching
     max_batch = batching.max_batch_size if schema and schema.batched else 0
 
-    def io(specs: Any) -> list[dict[str, Any]]:
+    def io(specs: list[TensorSpec]) -> list[dict[str, Any]]:
         return [
             {
                 "name": t.name,
@@ -242,41 +199,21 @@ async def _config(request: Request, model: str, version: str | None) -> Response
 # --- inference -------------------------------------------------------------------------------
 
 
-@router.post(
-    "/models/{model}/infer",
+@route_pair(
+    router,
+    "POST",
+    "/models/{model}",
+    "/infer",
     summary="Inference",
     response_model=v2_schemas.InferenceResponse,
     responses=responses.V2_INFER,
     openapi_extra=INFER_BODY,
 )
 async def infer(model: str, request: Request) -> Response:
-    return await _infer(request, model, None)
-
-
-@router.post(
-    "/models/{model}/versions/{version}/infer",
-    summary="Inference on a version",
-    response_model=v2_schemas.InferenceResponse,
-    responses=responses.V2_INFER,
-    openapi_extra=INFER_BODY,
-)
-async def infer_version(model: str, version: str, request: Request) -> Response:
-    return await _infer(request, model, version)
-
-
-def _call_input(item: ParsedInput, lease: BodyLease | None) -> CallInput:
-    if item.region is not None:
-        region = RegionRef(item.region, item.region_offset, item.region_size)
-        return CallInput(item.name, item.datatype, item.shape, region=region)
-    if lease is not None and item.raw is not None:
-        # Already in shared memory where the body was streamed: referenced, not copied.
-        offset = lease.base + item.raw_offset
-        return CallInput(item.name, item.datatype, item.shape, raw=item.raw, arena_offset=offset)
-    return CallInput(item.name, item.datatype, item.shape, item.array, item.raw)
-
-
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    return await infer_v2(service_of(request), model, version, request.headers, await request.body())
+    """Documents the route: ``frontend.fastpath`` serves it with ``infer_v2`` before FastAPI."""
+    return await infer_v2(
+        service_of(request), model, version_of(request), request.headers, await request.body()
+    )
 
 
 async def infer_v2(
@@ -287,105 +224,17 @@ async def infer_v2(
     body: bytes | memoryview,
     lease: BodyLease | None = None,
 ) -> Response:
-    """The handler, apart from the framework: ``frontend.fastpath`` calls it directly,
-    with ``lease`` when it streamed the body into shared memory."""
+    """One V2 inference: decode into an ``InferenceCall``, execute, encode. ``lease``: the arena
+    slot ``frontend.fastpath`` streamed a binary body into."""
     with service.track("v2") as tracker:
-        return await _infer_tracked(service, tracker, model, version, headers, body, lease)
-
-
-async def _infer_tracked(
-    service: Service,
-    tracker: Tracker,
-    model: str,
-    version: str | None,
-    headers: Mapping[str, str],
-    raw_body: bytes | memoryview,
-    lease: BodyLease | None = None,
-) -> Response:
-    raw_length = headers.get(HEADER_LENGTH)
-    header_length: int | None = None
-    if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
-            raise ApiError(
-                400, "bad_header", f"Inference-Header-Content-Length {raw_length!r} is not a number"
-            ) from None
-    settings = service.settings
-    body = decompress_request(headers, raw_body, settings.max_request_bytes)
-    check_json_size(settings, len(body) if header_length is None else min(header_length, len(body)))
-    entry = await service.entry(model, version)
-    assert entry.schema is not None
-    tracker.model, tracker.version = entry.model_id, entry.version
-    try:
-        parsed = parse_request(
-            body,
-            header_length,
-            entry.schema,
-            settings.allow_client_shm,
-            max_rows=settings.max_rows_per_request,
-            max_inputs=settings.max_inputs_per_request,
-        )
-    except ProtocolError as exc:
-        code = "payload_too_large" if exc.status == 413 else "bad_request"
-        raise ApiError(exc.status, code, exc.message) from None
-    call = InferenceCall(
-        model,
-        version,
-        [_call_input(item, lease) for item in parsed.inputs],
-        [
-            CallOutput(
-                o.name,
-                o.binary,
-                o.classification,
-                RegionRef(o.region, o.region_offset, o.region_size) if o.region is not None else None,
-            )
-            for o in parsed.outputs
-        ],
-        parsed.parameters,
-        parsed.timeout_s,
-        request_id_var.get(),
-        parsed.id,
-        lease,
-    )
-    with await execute(service, call, tracker) as result:
-        outputs: list[dict[str, Any]] = []
-        binary: list[memoryview] = []
-        for tensor in result.outputs:
-            spec = tensor.requested
-            entry_out = output_entry(tensor.name, tensor.datatype, tensor.shape)
-            wants_binary = spec.binary if spec is not None else parsed.binary_default
-            if spec is not None and spec.region is not None:
-                entry_out["parameters"] = {
-                    "shared_memory_region": spec.region.name,
-                    "shared_memory_byte_size": tensor.nbytes,
-                    "shared_memory_offset": spec.region.offset,
-                }
-            elif wants_binary and tensor.classes is not None:
-                packed = datatypes.serialize_bytes(tensor.classes)
-                entry_out["parameters"] = {"binary_data_size": len(packed)}
-                binary.append(memoryview(packed))
-            elif wants_binary and tensor.data is not None:
-                entry_out["parameters"] = {"binary_data_size": len(tensor.data)}
-                binary.append(tensor.data)
-            else:
-                entry_out["data"] = json_data(tensor.array(), tensor.datatype)
-            outputs.append(entry_out)
-        head: dict[str, Any] = {
-            "model_name": result.model,
-            "model_version": result.version,
-            "outputs": outputs,
-        }
-        if result.id is not None:
-            head["id"] = result.id
-        payload, length = encode_response(head, binary)
-    if length is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload,
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(length)},
-    )
+        length = v2_codec.header_length(headers)
+        body = inference_body(service, headers, body, length)
+        # 404/409/503 for a model not ready before the body's own errors, as before any tensor is read.
+        await service.entry(model, version)
+        call = InferenceCall(model, version, [], request_id=request_id_var.get(), lease=lease)
+        binary_default = v2_codec.decode(body, length, call, service.settings.allow_client_shm)
+        with await execute(service, call, tracker) as result:
+            return v2_codec.encode(result, binary_default)
 
 
 # --- model repository extension --------------------------------------------------------------

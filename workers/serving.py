@@ -32,7 +32,7 @@ from ipc import client_shm, datatypes
 from ipc.arena import ALIGNMENT, SHM_DIR, SegmentCache, SegmentError, SpillWriter
 from ipc.messages import BatchConfig, InferReply, InferRequest, ModelSchema, Status, TensorRef
 from model_server import metrics
-from model_server.logs import request_id_var
+from model_server.logs import model_var, request_id_var
 
 from .batching import ModelQueue, Pending, Policy, merge, rows_of, signature_of, split
 from .runner import InputError, ModelRunner, RunError, to_tensor
@@ -225,6 +225,7 @@ class Engine:
         token = request_id_var.set(
             first.trace_id if len(jobs) == 1 else f"batch:{first.trace_id}+{len(jobs) - 1}"
         )
+        model_token = model_var.set(f"{first.model_id}:{first.version}")  # JSON logs' "model"
         self.running += len(jobs)
         try:
             now = time.monotonic_ns()
@@ -303,6 +304,7 @@ class Engine:
             for job in jobs:
                 self.cache.release(job.entry)
             request_id_var.reset(token)
+            model_var.reset(model_token)
 
     def _run_each(self, jobs: list[Job], feeds_list: list[dict[str, Array]]) -> Out:
         out: Out = []
@@ -376,6 +378,7 @@ class Engine:
 def _internal(request: InferRequest, exc: Exception) -> InferReply:
     """The reply for an unexpected failure of one request: logged with its id, the worker goes on."""
     token = request_id_var.set(request.trace_id)
+    model_token = model_var.set(f"{request.model_id}:{request.version}")
     try:
         log.error(
             "request %s for %s:%s failed: %s",
@@ -387,5 +390,6 @@ def _internal(request: InferRequest, exc: Exception) -> InferReply:
         )
     finally:
         request_id_var.reset(token)
+        model_var.reset(model_token)
     message = str(exc) if isinstance(exc, RunError) else f"inference failed: {type(exc).__name__}"
     return InferReply(request.seq, Status.INTERNAL, message)

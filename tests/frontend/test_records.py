@@ -10,20 +10,20 @@ import onnx
 import orjson
 import pytest
 
-from frontend.records import (
-    JSON_OUTPUTS_KEY,
-    PayloadError,
-    coerce,
-    named_to_tensors,
-    records_to_tensors,
-    tensors_to_records,
-)
+from frontend.errors import ApiError as PayloadError
+from frontend.records import JSON_OUTPUTS_KEY, named_to_tensors, records_to_tensors, tensors_to_records
+from frontend.tensors import from_json
 from ipc.messages import ModelSchema, TensorSpec
 from loader.inspect import inspect_model
 from tests import models
 from tests.models import ort_run
 
 FEATURES = ["amount", "age", "score"]
+
+
+def coerce(values: Any, datatype: str, what: str) -> np.ndarray[Any, Any]:
+    """JSON values as the /v1 API reads them (``frontend/tensors.py``)."""
+    return from_json(values, datatype, what, lenient=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,8 @@ def test_one_input_per_feature_matches_onnxruntime(model_dir: Path) -> None:
     assert tensors["count"].dtype == np.int64 and tensors["count"].shape == (2, 1)
     assert tensors["amount"].dtype == np.float32 and tensors["amount"].shape == (2, 1)
     assert tensors["flag"].dtype == np.bool_
-    assert tensors["tag"].dtype == object and tensors["tag"].tolist() == [["a"], ["naïve ✓"]]
+    # UTF-8 bytes, as the worker reads every BYTES tensor out of shared memory.
+    assert tensors["tag"].dtype == object and tensors["tag"].tolist() == [[b"a"], ["naïve ✓".encode()]]
     out = ort_run(path, tensors)
     np.testing.assert_allclose(out["total"], [[4.5], [0.0]])
     np.testing.assert_array_equal(out["not_flag"], [[False], [True]])
@@ -96,7 +97,9 @@ def test_per_feature_missing_and_extra_features_are_named(model_dir: Path) -> No
 def test_per_feature_wrong_type_names_the_feature(model_dir: Path) -> None:
     schema = inspect_model(model_dir / "multi.onnx")
     rows = [{"count": 1, "amount": "lots", "flag": True, "tag": "x"}]
-    with pytest.raises(PayloadError, match=r"^feature 'amount': element 0 is .*'lots'.*, expected FP32"):
+    with pytest.raises(
+        PayloadError, match=r"^feature 'amount': element 0 is .*'lots'.*: FP32 data must be numbers"
+    ):
         records_to_tensors(rows, schema)
     rows = [{"count": 1.5, "amount": 1, "flag": True, "tag": "x"}]
     with pytest.raises(PayloadError, match=r"feature 'count': non-integer value for INT64"):
@@ -114,7 +117,7 @@ def test_per_feature_wrong_type_blames_the_right_row(model_dir: Path) -> None:
     ]
     with pytest.raises(PayloadError) as info:
         records_to_tensors(rows, schema)
-    assert info.value.message == "feature 'amount': element 1 is str 'lots', expected FP32 numbers"
+    assert info.value.message == "feature 'amount': element 1 is str 'lots': FP32 data must be numbers"
 
 
 def test_per_feature_wrong_shape_names_the_feature() -> None:
@@ -224,7 +227,7 @@ def test_no_records_for_a_model_without_a_batch_dimension() -> None:
         records_to_tensors([], schema)
 
 
-# ----------------------------------------------------------------------------- named tensors and coerce
+# ----------------------------------------------------------------------------- named tensors and JSON values
 
 
 def test_named_tensors(model_dir: Path) -> None:
@@ -250,7 +253,7 @@ def test_named_tensors(model_dir: Path) -> None:
         ([-1], "UINT32", "value out of range for UINT32"),
         ([1.0, float("nan")], "INT64", "non-integer value for INT64"),
         ([float("inf")], "INT32", "non-integer value for INT32"),
-        (["1"], "FP32", "element 0 is str '1', expected FP32 numbers"),
+        (["1"], "FP32", "element 0 is str '1': FP32 data must be numbers"),
         ([1, None], "FP64", "element 1 is NoneType None"),
     ],
 )
@@ -265,7 +268,9 @@ def test_coerce_accepts() -> None:
     assert coerce([1.0, 2.0], "INT8", "v").tolist() == [1, 2]
     assert coerce([True, False], "BOOL", "v").tolist() == [True, False]
     assert coerce([[1, 2]], "FP16", "v").dtype == np.float16
-    assert coerce([["a", b"b"]], "BYTES", "v").tolist() == [["a", b"b"]]
+    assert coerce([["a", "b"]], "BYTES", "v").tolist() == [[b"a", b"b"]]
+    assert coerce([0, 1], "BOOL", "v").tolist() == [False, True]  # /v1 reads 0/1 as booleans
+    assert coerce([True, 2], "FP32", "v").tolist() == [1.0, 2.0]  # and true/false as numbers
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")

@@ -1,0 +1,94 @@
+"""What the ``/v1`` and ``/v2`` route modules share: JSON responses and bodies, readiness,
+the inference body's decompression and size bound, and route pairs registered once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .compression import decompress_request
+from .coordinator_client import CoordinatorUnavailable
+from .errors import ApiError
+from .limits import check_json_size
+from .service import Service
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+VERSION_PARAMETER = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def version_of(request: Request) -> str | None:
+    """The ``{version}`` of a route pair's versioned path (None on the other)."""
+    version: str | None = request.path_params.get("version")
+    return version
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def parse_object(body: bytes, status: int = 422) -> dict[str, Any]:
+    """A JSON object body, or the ApiError (``status``: 422 for /v1, 400 for /v2) saying what is wrong."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(status, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(status, "invalid_request", "body must be a JSON object")
+    return payload
+
+
+def inference_body(
+    service: Service, headers: Mapping[str, str], body: bytes | memoryview, json_size: int | None = None
+) -> bytes | memoryview:
+    """An inference body inflated (``Content-Encoding``, capped at MAX_REQUEST_BYTES) and its JSON
+    part (``json_size`` bytes, default all) bounded by MAX_JSON_REQUEST_BYTES: the same on both APIs."""
+    settings = service.settings
+    inflated = decompress_request(headers, body, settings.max_request_bytes)
+    check_json_size(settings, len(inflated) if json_size is None else min(json_size, len(inflated)))
+    return inflated
+
+
+async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
+    if service.draining:
+        return {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, False
+    try:
+        reply = await service.coordinator.refresh(timeout=min(1.0, service.settings.coordinator_timeout_s))
+    except CoordinatorUnavailable as exc:
+        return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
+    table = reply.table
+    assert table is not None
+    body = {
+        "ready": table.ready,
+        "reasons": table.reasons,
+        "models": sum(1 for m in table.models if m.state == "ready"),
+        "workers": sum(1 for w in table.workers if w.alive),
+    }
+    return body, table.ready
+
+
+def route_pair(
+    router: APIRouter, method: str, path: str, suffix: str = "", **options: Any
+) -> Callable[[Handler], Handler]:
+    """One handler on ``path + suffix`` and ``path + /versions/{version} + suffix``, as MLServer
+    registers its V2 routes; the handler reads the version with ``version_of``."""
+
+    def register(handler: Handler) -> Handler:
+        router.add_api_route(path + suffix, handler, methods=[method], **options)
+        extra = dict(options.pop("openapi_extra", None) or {})
+        extra["parameters"] = [*extra.get("parameters", []), VERSION_PARAMETER]
+        router.add_api_route(
+            f"{path}/versions/{{version}}{suffix}", handler, methods=[method], openapi_extra=extra, **options
+        )
+        return handler
+
+    return register
