@@ -14,6 +14,7 @@ encodes its response from them and then releases it (``with result:``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +107,7 @@ class ResultTensor:
             return self.classes
         assert self.data is not None
         if self.datatype == "BYTES":
-            return datatypes.deserialize_bytes(self.data, _count(self.shape)).reshape(self.shape)
+            return datatypes.deserialize_bytes(self.data, math.prod(self.shape)).reshape(self.shape)
         return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
 
 
@@ -136,13 +137,6 @@ class CallResult:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _count(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def bad(message: str, status: int = 400, code: str = "bad_request") -> ApiError:
@@ -206,7 +200,7 @@ def _check_size(tensor: CallInput) -> None:
     elif tensor.raw is not None:
         if want is None:
             try:
-                datatypes.deserialize_bytes(tensor.raw, _count(tensor.shape))
+                datatypes.deserialize_bytes(tensor.raw, math.prod(tensor.shape))
             except ValueError as exc:
                 raise bad(f"{where}: {exc}") from None
         elif len(tensor.raw) != want:

@@ -52,11 +52,6 @@ def describe(exc: BaseException) -> ApiError | None:
     return None
 
 
-def v2_status(status: int) -> int:
-    """The Open Inference Protocol answers bad input with 400 (the /v1 API uses 422)."""
-    return 400 if status == 422 else status
-
-
 def error_response(
     request_path: str,
     status: int,
@@ -68,7 +63,7 @@ def error_response(
     body: dict[str, Any]
     if request_path.startswith("/v2"):
         body = {"error": message}
-        status = v2_status(status)
+        status = 400 if status == 422 else status  # the protocol's implementations answer bad input 400
     else:
         body = {
             "error": {
@@ -84,19 +79,10 @@ def error_response(
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def exception_response(path: str, exc: BaseException) -> Response | None:
-    """The error response for an exception the API raises on purpose; None for anything else."""
-    error = describe(exc)
-    if error is None:
-        return None
-    return error_response(path, error.status, error.code, error.message, error.details, error.retry_after)
-
-
-def internal_error(path: str, exc: BaseException) -> Response:
-    log.error("unhandled error on %s", path, exc_info=exc)
-    return error_response(path, 500, "internal_error", f"internal error: {type(exc).__name__}")
-
-
 def render(path: str, exc: BaseException) -> Response:
     """The response for any exception on ``path``: its own error, or a logged 500."""
-    return exception_response(path, exc) or internal_error(path, exc)
+    error = describe(exc)
+    if error is None:
+        log.error("unhandled error on %s", path, exc_info=exc)
+        error = ApiError(500, "internal_error", f"internal error: {type(exc).__name__}")
+    return error_response(path, error.status, error.code, error.message, error.details, error.retry_after)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from model_server.models_file import (
@@ -123,33 +124,6 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-class InferRequestV1(BaseModel):
-    """Body of POST /v1/infer (documented here; parsed by orjson)."""
-
-    model_config = ConfigDict(
-        protected_namespaces=(),
-        json_schema_extra={
-            "example": {
-                "model_id": "fraud_detection",
-                "model_version": "2.0.0",
-                "inputs": [{"feature1": 1.0, "feature2": 2.0}, {"feature1": 3.0, "feature2": 4.0}],
-            }
-        },
-    )
-
-    model_id: str
-    model_version: str | None = Field(None, description="Omitted: the newest ready version.")
-    inputs: list[dict[str, Any]] | dict[str, Any] = Field(
-        description="Records (one object per row, feature -> value) or named tensors (input -> nested lists)."
-    )
-    outputs: list[str] | None = Field(None, description="Outputs to return (default: all).")
-    timeout_ms: float | None = Field(
-        None,
-        gt=0,
-        description="This request's deadline (ms); shortens MODEL_SERVER_REQUEST_TIMEOUT_S, 504 past it.",
-    )
-
-
 class InferResponseV1(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -160,3 +134,28 @@ class InferResponseV1(BaseModel):
     tensors: dict[str, Any] = Field(
         default_factory=dict, description="Outputs without a row dimension, returned whole (rare)."
     )
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """``node`` with every local ``$ref`` replaced by its definition (these models do not recurse)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def body(model: Any, required: bool = True, examples: list[Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` documenting ``model`` (a pydantic model, or the msgspec Struct a handler
+    decodes the body with) as the JSON request body, self-contained."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        schema = model.model_json_schema()
+    else:
+        schema = msgspec.json.schema(model)
+    schema = _inline(schema, schema.get("$defs", {}))
+    if examples:
+        schema["examples"] = examples
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}

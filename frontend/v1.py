@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Request
@@ -22,12 +22,12 @@ from .records import check_bounds, tensors_to_records, to_tensors
 from .rest import inference_body, json_response, readiness, service_of
 from .schemas import (
     HealthResponse,
-    InferRequestV1,
     InferResponseV1,
     LoadRequest,
     ModelInfo,
     ModelList,
     ReadyResponse,
+    body,
 )
 from .service import Service
 
@@ -167,30 +167,38 @@ async def unload_model(model_id: str, version: str, request: Request) -> Respons
     return json_response(model_info(entry, state="unloaded"))
 
 
-INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": InferRequestV1.model_json_schema()}},
-    }
-}
+def _doc(description: str) -> msgspec.Meta:
+    return msgspec.Meta(description=description)
 
 
-class _InferBody(msgspec.Struct):
-    """The envelope of ``InferRequestV1``; ``inputs`` (records or named tensors) stays JSON values."""
+class InferBody(msgspec.Struct):
+    """The body of ``POST /v1/infer``; decoded with it, and documented from it."""
 
     model_id: str
-    inputs: Any = None
-    model_version: str | int | float | None = None
-    version: str | int | float | None = None
-    outputs: list[str] = []
-    timeout_ms: float | None = None
+    inputs: Annotated[
+        Any, _doc("Records (one object per row, feature -> value) or named tensors (input -> nested lists).")
+    ] = None
+    model_version: Annotated[str | int | float | None, _doc("Omitted: the newest ready version.")] = None
+    version: Annotated[str | int | float | None, _doc("Same as `model_version`.")] = None
+    outputs: Annotated[list[str], _doc("Outputs to return (default: all).")] = []
+    timeout_ms: Annotated[
+        float | None,
+        _doc("This request's deadline (ms); shortens MODEL_SERVER_REQUEST_TIMEOUT_S, 504 past it."),
+    ] = None
+
+
+EXAMPLE = {
+    "model_id": "fraud_detection",
+    "model_version": "2.0.0",
+    "inputs": [{"feature1": 1.0, "feature2": 2.0}, {"feature1": 3.0, "feature2": 4.0}],
+}
 
 
 @router.post(
     "/v1/infer",
     response_model=InferResponseV1,
     responses=responses.V1_INFER,
-    openapi_extra=INFER_BODY,
+    openapi_extra=body(InferBody, examples=[EXAMPLE]),
     tags=["inference"],
     summary="Run inference",
 )
@@ -237,9 +245,9 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
         return json_response(answer)
 
 
-def _envelope(body: bytes | memoryview) -> _InferBody:
+def _envelope(body: bytes | memoryview) -> InferBody:
     try:
-        envelope = msgspec.json.decode(body, type=_InferBody)
+        envelope = msgspec.json.decode(body, type=InferBody)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "invalid_request", f"request body: {exc}") from None
     except msgspec.DecodeError as exc:

@@ -30,13 +30,31 @@ from .call import InferenceCall, execute
 from .dispatcher import BodyLease
 from .errors import ApiError
 from .rest import inference_body, json_response, parse_object, readiness, route_pair, service_of, version_of
-from .schemas import ReadyResponse
+from .schemas import ReadyResponse, body
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 PLATFORM = "onnxruntime_onnx"
-INFER_BODY = v2_schemas.body(v2_schemas.InferenceRequest)
+INFER_EXAMPLES = [
+    {
+        "id": "42",
+        "inputs": [
+            {"name": "feature1", "shape": [2, 1], "datatype": "FP32", "data": [0.5, 3.0]},
+            {"name": "feature2", "shape": [2, 1], "datatype": "FP32", "data": [1.5, -1.0]},
+        ],
+    },
+    {  # zero rows are valid: the outputs have zero rows too, as onnxruntime answers
+        "id": "no-rows",
+        "inputs": [
+            {"name": "feature1", "shape": [0, 1], "datatype": "FP32", "data": []},
+            {"name": "feature2", "shape": [0, 1], "datatype": "FP32", "data": []},
+        ],
+    },
+]
+INFER_BODY = body(v2_codec.InferRequest, examples=INFER_EXAMPLES)
+# The region routes share a handler with their server-wide twins, which have no {name}.
+REGION_NAME = {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]}
 
 
 def extensions(service: Service) -> list[str]:
@@ -250,7 +268,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     response_model=list[v2_schemas.RepositoryItem],
     summary="Repository index",
     responses=responses.V2_REPOSITORY_INDEX,
-    openapi_extra=v2_schemas.body(v2_schemas.RepositoryIndexRequest, required=False),
+    openapi_extra=body(v2_schemas.RepositoryIndexRequest, required=False),
 )
 async def repository_index(request: Request) -> Response:
     body = await _json_body(request)
@@ -261,6 +279,14 @@ async def repository_index(request: Request) -> Response:
     if body.get("ready"):
         items = [i for i in items if i["state"] == "READY"]
     return json_response(items)
+
+
+# A Triton model config's batching fields: (load option, prefix in the config, field).
+_CONFIG_FIELDS = (
+    ("max_batch_size", "", "max_batch_size"),
+    ("max_queue_delay_us", "dynamic_batching.", "max_queue_delay_microseconds"),
+    ("preferred_batch_sizes", "dynamic_batching.", "preferred_batch_size"),
+)
 
 
 def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -276,29 +302,12 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
             raise ApiError(400, "invalid_config", f"parameters.config is not JSON: {exc}") from None
         if not isinstance(config, dict):
             raise ApiError(400, "invalid_config", "parameters.config must be a JSON object")
-        taken: list[tuple[str, dict[str, Any], str, str]] = [
-            ("max_batch_size", config, "max_batch_size", "max_batch_size")
-        ]
         dynamic = config.get("dynamic_batching") or {}
-        if isinstance(dynamic, dict):
-            taken += [
-                (
-                    "max_queue_delay_us",
-                    dynamic,
-                    "max_queue_delay_microseconds",
-                    "dynamic_batching.max_queue_delay_microseconds",
-                ),
-                (
-                    "preferred_batch_sizes",
-                    dynamic,
-                    "preferred_batch_size",
-                    "dynamic_batching.preferred_batch_size",
-                ),
-            ]
-        for option, source, field, shown in taken:
-            if field in source and option not in options:
-                options[option] = source[field]
-                names[option] = f"parameters.config.{shown}"
+        sources = {"": config, "dynamic_batching.": dynamic if isinstance(dynamic, dict) else {}}
+        for option, prefix, field in _CONFIG_FIELDS:
+            if field in sources[prefix] and option not in options:
+                options[option] = sources[prefix][field]
+                names[option] = f"parameters.config.{prefix}{field}"
     return options, names
 
 
@@ -307,7 +316,7 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     response_model=v2_schemas.RepositoryLoaded,
     summary="Load a model",
     responses=responses.V2_REPOSITORY_LOAD,
-    openapi_extra=v2_schemas.body(v2_schemas.RepositoryLoadRequest, required=False),
+    openapi_extra=body(v2_schemas.RepositoryLoadRequest, required=False),
 )
 async def repository_load(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -346,7 +355,7 @@ async def _default_version(service: Service, model: str) -> str:
     response_model=v2_schemas.RepositoryUnloaded,
     summary="Unload a model",
     responses=responses.V2_REPOSITORY_UNLOAD,
-    openapi_extra=v2_schemas.body(v2_schemas.RepositoryUnloadRequest, required=False),
+    openapi_extra=body(v2_schemas.RepositoryUnloadRequest, required=False),
 )
 async def repository_unload(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -387,7 +396,7 @@ class _RegisterBody(msgspec.Struct, forbid_unknown_fields=False):
     "/systemsharedmemory/region/{name}/register",
     summary="Register a shared-memory region",
     responses=responses.V2_SHM,
-    openapi_extra=v2_schemas.body(v2_schemas.SharedMemoryRegister),
+    openapi_extra=body(v2_schemas.SharedMemoryRegister),
 )
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)
@@ -416,23 +425,17 @@ async def shm_register(name: str, request: Request) -> Response:
     return json_response({})
 
 
+@router.post("/systemsharedmemory/unregister", summary="Unregister every region", responses=responses.V2_SHM)
 @router.post(
     "/systemsharedmemory/region/{name}/unregister",
     summary="Unregister one region",
     responses=responses.V2_SHM,
+    openapi_extra=REGION_NAME,
 )
-async def shm_unregister(name: str, request: Request) -> Response:
+async def shm_unregister(request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
-    await service.coordinator.unregister_region(name)
-    return json_response({})
-
-
-@router.post("/systemsharedmemory/unregister", summary="Unregister every region", responses=responses.V2_SHM)
-async def shm_unregister_all(request: Request) -> Response:
-    service = service_of(request)
-    _require_shm(service)
-    await service.coordinator.unregister_region("")
+    await service.coordinator.unregister_region(request.path_params.get("name", ""))
     return json_response({})
 
 
@@ -442,25 +445,19 @@ async def shm_unregister_all(request: Request) -> Response:
     summary="Every registered region",
     responses=responses.V2_SHM,
 )
-async def shm_status(request: Request) -> Response:
-    return await _shm_status(request, None)
-
-
 @router.get(
     "/systemsharedmemory/region/{name}/status",
     response_model=list[v2_schemas.SharedMemoryStatus],
     summary="One region",
     responses=responses.V2_SHM,
+    openapi_extra=REGION_NAME,
 )
-async def shm_region_status(name: str, request: Request) -> Response:
-    return await _shm_status(request, name)
-
-
-async def _shm_status(request: Request, name: str | None) -> Response:
+async def shm_status(request: Request) -> Response:
     service = service_of(request)
     _require_shm(service)
     await service.coordinator.refresh()
     regions = service.table.regions
+    name: str | None = request.path_params.get("name")
     if name is not None and name not in regions:
         raise ApiError(400, "bad_region", f"shared memory region '{name}' is not registered")
     chosen = [regions[name]] if name is not None else [regions[n] for n in sorted(regions)]

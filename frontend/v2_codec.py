@@ -14,7 +14,7 @@ set. BYTES elements are a 4-byte little-endian length then the bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import orjson
@@ -29,27 +29,46 @@ from .tensors import to_json
 HEADER_LENGTH = "inference-header-content-length"
 
 
-class _Tensor(msgspec.Struct):
+def _doc(description: str) -> msgspec.Meta:
+    return msgspec.Meta(description=description)
+
+
+class RequestInput(msgspec.Struct):
     name: str
-    datatype: str
-    shape: list[int]
-    parameters: dict[str, Any] = {}
-    data: msgspec.Raw = msgspec.Raw()
+    datatype: Annotated[str, _doc("FP32, INT64, BYTES, ... (Open Inference Protocol datatypes).")]
+    shape: Annotated[list[int], _doc("Dimensions; the first is the batch for batched models.")]
+    parameters: Annotated[
+        dict[str, Any],
+        _doc(
+            "`binary_data_size` (binary extension), `shared_memory_region`, "
+            "`shared_memory_byte_size`, `shared_memory_offset` (system shared memory)."
+        ),
+    ] = {}
+    # Kept as JSON text: converted (or not) only once the call has passed its checks.
+    data: Annotated[msgspec.Raw, _doc("Row-major values, flat or nested (absent: binary/shm).")] = (
+        msgspec.field(default_factory=msgspec.Raw)
+    )
 
 
-class _Output(msgspec.Struct):
+class RequestOutput(msgspec.Struct):
     name: str
-    parameters: dict[str, Any] = {}
+    parameters: Annotated[
+        dict[str, Any], _doc("`binary_data`, `classification` (top k), or a shared-memory region.")
+    ] = {}
 
 
-class _Request(msgspec.Struct):
-    inputs: list[_Tensor]
+class InferRequest(msgspec.Struct):
+    """The body of ``POST /v2/models/{model}[/versions/{version}]/infer`` (its JSON header)."""
+
+    inputs: list[RequestInput]
     id: str | int | float | None = None
-    parameters: dict[str, Any] = {}
-    outputs: list[_Output] = []
+    parameters: Annotated[
+        dict[str, Any], _doc("`binary_data_output`, `timeout` (µs), as Triton reads them.")
+    ] = {}
+    outputs: Annotated[list[RequestOutput], _doc("Outputs to return (absent: all).")] = []
 
 
-_DECODER = msgspec.json.Decoder(_Request)
+_DECODER = msgspec.json.Decoder(InferRequest)
 
 
 def bad(message: str, status: int = 400) -> ApiError:
@@ -107,7 +126,7 @@ def decode(
     return binary_default
 
 
-def _input(item: _Tensor, binary: memoryview, pos: int, shm_enabled: bool) -> tuple[CallInput, int]:
+def _input(item: RequestInput, binary: memoryview, pos: int, shm_enabled: bool) -> tuple[CallInput, int]:
     where = f"input '{item.name}'"
     params = item.parameters
     tensor = CallInput(item.name, item.datatype, item.shape)
@@ -126,7 +145,7 @@ def _input(item: _Tensor, binary: memoryview, pos: int, shm_enabled: bool) -> tu
     return tensor, pos
 
 
-def _output(item: _Output, binary_default: bool, shm_enabled: bool) -> CallOutput:
+def _output(item: RequestOutput, binary_default: bool, shm_enabled: bool) -> CallOutput:
     where = f"output '{item.name}'"
     params = item.parameters
     out = CallOutput(item.name, bool(params.get("binary_data", binary_default)))

@@ -1,10 +1,10 @@
-"""Request bodies of the ``/v2`` routes, for the OpenAPI document only.
+"""Bodies of the ``/v2`` routes, for the OpenAPI document only.
 
-The handlers parse their bodies themselves (``frontend/v2_codec.py``: orjson, the
-binary extension, shared-memory parameters), so these models never validate a
-request; they tell a client, and a contract test generating requests from the
-document, what each route reads. Names and fields follow the Open Inference
-Protocol and Triton's extensions.
+The inference body is documented from the msgspec Structs ``frontend/v2_codec.py``
+decodes it with; the handlers of the other routes parse their bodies themselves,
+so these models never validate a request; they tell a client, and a contract
+test generating requests from the document, what each route reads. Names and
+fields follow the Open Inference Protocol and Triton's extensions.
 """
 
 from __future__ import annotations
@@ -12,71 +12,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-Datatype = Literal[
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-]
-
-
-class RequestInput(BaseModel):
-    name: str
-    shape: list[int] = Field(description="Dimensions; the first is the batch for batched models.")
-    datatype: Datatype
-    parameters: dict[str, Any] | None = Field(
-        None,
-        description="`binary_data_size` (binary extension), `shared_memory_region`, "
-        "`shared_memory_byte_size`, `shared_memory_offset` (system shared memory).",
-    )
-    data: list[Any] | None = Field(None, description="Row-major values, flat or nested (absent: binary/shm).")
-
-
-class RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = Field(
-        None, description="`binary_data`, `classification` (top k), or a shared-memory region."
-    )
-
-
-class InferenceRequest(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "42",
-                    "inputs": [
-                        {"name": "feature1", "shape": [2, 1], "datatype": "FP32", "data": [0.5, 3.0]},
-                        {"name": "feature2", "shape": [2, 1], "datatype": "FP32", "data": [1.5, -1.0]},
-                    ],
-                },
-                {  # zero rows are valid: the outputs have zero rows too, as onnxruntime answers
-                    "id": "no-rows",
-                    "inputs": [
-                        {"name": "feature1", "shape": [0, 1], "datatype": "FP32", "data": []},
-                        {"name": "feature2", "shape": [0, 1], "datatype": "FP32", "data": []},
-                    ],
-                },
-            ]
-        }
-    )
-
-    id: str | None = None
-    parameters: dict[str, Any] | None = Field(
-        None, description="`binary_data_output`, `timeout` (µs), as Triton reads them."
-    )
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = Field(None, description="Outputs to return (absent: all).")
 
 
 class ResponseOutput(BaseModel):
@@ -132,29 +67,6 @@ class SharedMemoryRegister(BaseModel):
     key: str = Field(description="The POSIX shared-memory object's name, e.g. `/input0`.")
     offset: int = Field(0, ge=0, description="Where the region starts in the object.")
     byte_size: int = Field(gt=0, description="Size of the region in bytes.")
-
-
-def _inline(node: Any, defs: dict[str, Any]) -> Any:
-    """``node`` with every local ``$ref`` replaced by its definition (these models do not recurse)."""
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
-            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
-        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
-    if isinstance(node, list):
-        return [_inline(v, defs) for v in node]
-    return node
-
-
-def body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
-    """``openapi_extra`` documenting ``model`` as the JSON request body, self-contained."""
-    schema = model.model_json_schema()
-    return {
-        "requestBody": {
-            "required": required,
-            "content": {"application/json": {"schema": _inline(schema, schema.get("$defs", {}))}},
-        }
-    }
 
 
 # --- responses ----------------------------------------------------------------------------------
