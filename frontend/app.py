@@ -55,15 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await service.close()
 
-    app = FastAPI(
-        title="Model Server",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url="/redoc",
-        openapi_url="/openapi.json",
-    )
+    app = FastAPI(title="Model Server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2.router)

@@ -48,28 +48,23 @@ def decompress_request(
 
 def response_encoding(accept_encoding: str | None) -> str | None:
     """gzip or deflate if ``Accept-Encoding`` accepts one (highest q wins, gzip on a tie), else None."""
-    if not accept_encoding:
-        return None
     best: tuple[float, int, str] | None = None
-    for item in accept_encoding.split(","):
-        token, _, params = item.strip().partition(";")
-        token = token.strip().lower()
+    for item in (accept_encoding or "").split(","):
+        token, *params = (part.strip().lower() for part in item.split(";"))
         if token not in ENCODINGS:
             continue
-        q = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if q <= 0:
-            continue
+        q = _quality(next((v for k, _, v in (p.partition("=") for p in params) if k.strip() == "q"), "1"))
         rank = (q, -ENCODINGS.index(token), token)
-        if best is None or rank > best:
+        if q > 0 and (best is None or rank > best):
             best = rank
     return best[2] if best else None
+
+
+def _quality(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0  # a q we cannot read accepts nothing
 
 
 def compress_response(response: Response, accept_encoding: str | None) -> Response:

@@ -41,12 +41,10 @@ class DrainingServer(uvicorn.Server):
     """uvicorn with a drain: on SIGTERM, /ready and new inferences answer 503 at once while the
     requests already running finish (up to MODEL_SERVER_DRAIN_SECONDS); then uvicorn shuts down.
 
-    Built on uvicorn's public hooks only: ``handle_exit`` is the handler its
-    ``capture_signals`` installs for SIGINT and SIGTERM, and ``on_tick`` runs on the event loop
-    every 100 ms; ``should_exit``/``force_exit`` end ``main_loop`` and skip the graceful wait.
-    The handler only records the time (the drain runs in ``on_tick``); a second signal exits at
-    once. Not calling uvicorn's own ``handle_exit`` keeps the signal from being re-raised after
-    the shutdown, so the process exits 0 after a drain.
+    On uvicorn's public hooks: ``handle_exit`` (the SIGINT/SIGTERM handler ``capture_signals``
+    installs) only records the time, ``on_tick`` (every 100 ms on the loop) runs the drain, and a
+    second signal sets ``should_exit``/``force_exit``. Not calling uvicorn's ``handle_exit`` keeps
+    the signal from being re-raised after the shutdown: the process exits 0 after a drain.
     """
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:

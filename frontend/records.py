@@ -33,11 +33,6 @@ Array = npt.NDArray[Any]
 JSON_OUTPUTS_KEY = "json_outputs"
 
 
-def _array(values: Any, datatype: str, what: str) -> Array:
-    """JSON values as the /v1 API reads them: true/false are numbers, 0/1 booleans."""
-    return from_json(values, datatype, what, lenient=True)
-
-
 def check_bounds(settings: Settings, inputs: Any, schema: ModelSchema) -> None:
     """Rows and inputs bounded before the values are converted (records are copied column by column)."""
     if isinstance(inputs, list):
@@ -115,7 +110,7 @@ def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dic
     n = len(records)
     for spec in inputs:
         column = [record[spec.name] for record in records]
-        arr = _array(column, spec.datatype, f"feature {spec.name!r}")
+        arr = from_json(column, spec.datatype, f"feature {spec.name!r}", lenient=True)
         shape = (n, *arr.shape[1:])
         if len(spec.shape) == 2 and arr.ndim == 1 and spec.shape[1] in (1, -1):
             arr = arr.reshape(n, 1)
@@ -141,7 +136,7 @@ def _matrix(records: list[dict[str, Any]], spec: TensorSpec, schema: ModelSchema
     _row_keys_check(records, features)
     matrix = [[record[name] for name in features] for record in records]
     try:
-        return {spec.name: _array(matrix, spec.datatype, f"input {spec.name!r}")}
+        return {spec.name: from_json(matrix, spec.datatype, f"input {spec.name!r}", lenient=True)}
     except ApiError:
         # Say which feature is wrong, not just which element.
         for name in features:
@@ -166,7 +161,7 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
         )
     tensors: dict[str, Array] = {}
     for name, spec in specs.items():
-        arr = _array(named[name], spec.datatype, f"input {name!r}")
+        arr = from_json(named[name], spec.datatype, f"input {name!r}", lenient=True)
         if arr.shape == (0,) and len(spec.shape) > 1:
             arr = _zero_rows(spec)  # ``[]``: zero rows of whatever each row's shape is
         check_shape(spec, list(arr.shape), f"input {name!r}")
@@ -174,17 +169,12 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
     return tensors
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
+# Nested lists of str from an object array of bytes/str.
+_text = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])
 
 
 def _object_rows(arr: Array) -> Any:
-    """Nested lists of str from an object array of bytes/str."""
-    if arr.ndim == 0:
-        return _scalar(arr.item())
-    return [_object_rows(sub) if isinstance(sub, np.ndarray) else _scalar(sub) for sub in arr]
+    return _text(arr).tolist() if arr.size else arr.tolist()
 
 
 def tensors_to_records(

@@ -10,6 +10,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from ipc.messages import TensorSpec
+
 from .compression import decompress_request
 from .coordinator_client import CoordinatorUnavailable
 from .errors import ApiError
@@ -26,10 +28,8 @@ def service_of(request: Request) -> Service:
     return service
 
 
-def version_of(request: Request) -> str | None:
-    """The ``{version}`` of a route pair's versioned path (None on the other)."""
-    version: str | None = request.path_params.get("version")
-    return version
+def tensor_specs(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in specs]
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -58,13 +58,17 @@ def inference_body(
     return inflated
 
 
-async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
+async def ready(request: Request) -> Response:
+    """200 when the coordinator answers, a worker is alive and every start-up model is loaded and warm."""
+    service = service_of(request)
     if service.draining:
-        return {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, False
+        return json_response(
+            {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, 503
+        )
     try:
         reply = await service.coordinator.refresh(timeout=min(1.0, service.settings.coordinator_timeout_s))
     except CoordinatorUnavailable as exc:
-        return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
+        return json_response({"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, 503)
     table = reply.table
     assert table is not None
     body = {
@@ -73,14 +77,14 @@ async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
         "models": sum(1 for m in table.models if m.state == "ready"),
         "workers": sum(1 for w in table.workers if w.alive),
     }
-    return body, table.ready
+    return json_response(body, 200 if table.ready else 503)
 
 
 def route_pair(
     router: APIRouter, method: str, path: str, suffix: str = "", **options: Any
 ) -> Callable[[Handler], Handler]:
     """One handler on ``path + suffix`` and ``path + /versions/{version} + suffix``, as MLServer
-    registers its V2 routes; the handler reads the version with ``version_of``."""
+    registers its V2 routes; the handler reads ``request.path_params.get("version")``."""
 
     def register(handler: Handler) -> Handler:
         router.add_api_route(path + suffix, handler, methods=[method], **options)

@@ -136,6 +136,11 @@ class InferResponseV1(BaseModel):
     )
 
 
+def doc(description: str) -> msgspec.Meta:
+    """A field's description in the OpenAPI document of a msgspec Struct."""
+    return msgspec.Meta(description=description)
+
+
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
     """``node`` with every local ``$ref`` replaced by its definition (these models do not recurse)."""
     if isinstance(node, dict):
@@ -148,7 +153,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def body(model: Any, required: bool = True, examples: list[Any] | None = None) -> dict[str, Any]:
+def request_body(model: Any, required: bool = True, examples: list[Any] | None = None) -> dict[str, Any]:
     """``openapi_extra`` documenting ``model`` (a pydantic model, or the msgspec Struct a handler
     decodes the body with) as the JSON request body, self-contained."""
     if isinstance(model, type) and issubclass(model, BaseModel):

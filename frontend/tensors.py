@@ -32,8 +32,7 @@ def invalid(message: str, details: dict[str, Any] | None = None) -> ApiError:
 
 
 def decode_numeric(raw: bytes | memoryview, datatype: str, shape: list[int]) -> Array | None:
-    """Stand-in for ``frontend.json_tensors.decode_numeric`` (a C-speed decoder of numeric
-    JSON text): None sends every tensor down the general path below."""
+    """Stand-in for ``frontend.json_tensors.decode_numeric``: None takes the general path below."""
     return None
 
 
@@ -47,11 +46,7 @@ def from_raw_json(
         fast = decode_numeric(raw, datatype, shape)
         if fast is not None:
             return fast
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:  # msgspec has validated it already: defensive
-        raise invalid(f"{where}: data is not valid JSON: {exc}") from None
-    return from_json(data, datatype, where, shape)
+    return from_json(orjson.loads(raw), datatype, where, shape)  # msgspec has checked it is JSON
 
 
 def from_json(

@@ -15,11 +15,11 @@ from model_server import metrics, naming
 from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
-from . import responses
+from . import responses, rest
 from .call import CallInput, CallOutput, InferenceCall, execute
 from .errors import ApiError
 from .records import check_bounds, tensors_to_records, to_tensors
-from .rest import inference_body, json_response, readiness, service_of
+from .rest import inference_body, json_response, service_of, tensor_specs
 from .schemas import (
     HealthResponse,
     InferResponseV1,
@@ -27,7 +27,8 @@ from .schemas import (
     ModelInfo,
     ModelList,
     ReadyResponse,
-    body,
+    doc,
+    request_body,
 )
 from .service import Service
 
@@ -44,12 +45,8 @@ def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
         "reason": entry.reason,
         "registry_uri": entry.registry_uri,
         "workers": entry.workers,
-        "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in schema.inputs]
-        if schema
-        else [],
-        "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in schema.outputs]
-        if schema
-        else [],
+        "inputs": tensor_specs(schema.inputs) if schema else [],
+        "outputs": tensor_specs(schema.outputs) if schema else [],
         "feature_names": schema.feature_names if schema else None,
         "loaded_at": entry.loaded_at or None,
         "load_ms": entry.load_ms or None,
@@ -73,17 +70,14 @@ async def health() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get(
+router.add_api_route(
     "/ready",
+    rest.ready,
     response_model=ReadyResponse,
     tags=["health"],
     summary="Readiness probe",
     responses=responses.READY,
 )
-async def ready(request: Request) -> Response:
-    """200 when the coordinator answers, a worker is alive and every start-up model is loaded and warm."""
-    body, ok = await readiness(service_of(request))
-    return json_response(body, 200 if ok else 503)
 
 
 @router.get(
@@ -167,23 +161,19 @@ async def unload_model(model_id: str, version: str, request: Request) -> Respons
     return json_response(model_info(entry, state="unloaded"))
 
 
-def _doc(description: str) -> msgspec.Meta:
-    return msgspec.Meta(description=description)
-
-
 class InferBody(msgspec.Struct):
     """The body of ``POST /v1/infer``; decoded with it, and documented from it."""
 
     model_id: str
     inputs: Annotated[
-        Any, _doc("Records (one object per row, feature -> value) or named tensors (input -> nested lists).")
+        Any, doc("Records (one object per row, feature -> value) or named tensors (input -> nested lists).")
     ] = None
-    model_version: Annotated[str | int | float | None, _doc("Omitted: the newest ready version.")] = None
-    version: Annotated[str | int | float | None, _doc("Same as `model_version`.")] = None
-    outputs: Annotated[list[str], _doc("Outputs to return (default: all).")] = []
+    model_version: Annotated[str | int | float | None, doc("Omitted: the newest ready version.")] = None
+    version: Annotated[str | int | float | None, doc("Same as `model_version`.")] = None
+    outputs: Annotated[list[str], doc("Outputs to return (default: all).")] = []
     timeout_ms: Annotated[
         float | None,
-        _doc("This request's deadline (ms); shortens MODEL_SERVER_REQUEST_TIMEOUT_S, 504 past it."),
+        doc("This request's deadline (ms); shortens MODEL_SERVER_REQUEST_TIMEOUT_S, 504 past it."),
     ] = None
 
 
@@ -198,7 +188,7 @@ EXAMPLE = {
     "/v1/infer",
     response_model=InferResponseV1,
     responses=responses.V1_INFER,
-    openapi_extra=body(InferBody, examples=[EXAMPLE]),
+    openapi_extra=request_body(InferBody, examples=[EXAMPLE]),
     tags=["inference"],
     summary="Run inference",
 )
@@ -213,9 +203,9 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
     """One /v1 inference: decode into an ``InferenceCall``, execute, encode records."""
     with service.track("v1") as tracker:
         envelope = _envelope(inference_body(service, headers, body))
-        version = envelope.model_version if envelope.model_version is not None else envelope.version
-        version = str(version) if version is not None else None
+        version = next((str(v) for v in (envelope.model_version, envelope.version) if v is not None), None)
         entry = await service.entry(envelope.model_id, version)
+        tracker.model, tracker.version = entry.model_id, entry.version  # bad inputs are counted per model
         assert entry.schema is not None
         check_bounds(service.settings, envelope.inputs, entry.schema)
         arrays, rows = to_tensors(envelope.inputs, entry.schema)

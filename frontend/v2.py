@@ -10,27 +10,27 @@ without ``/versions/{version}`` are one handler each (``rest.route_pair``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
 import msgspec
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ipc import client_shm
+from ipc import client_shm, datatypes
 from ipc.messages import ShmRegion, TensorSpec
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
 from model_server.naming import version_key
 
-from . import responses, stats, v2_codec, v2_schemas
+from . import responses, rest, stats, v2_codec, v2_schemas
 from .call import InferenceCall, execute
 from .dispatcher import BodyLease
 from .errors import ApiError
-from .rest import inference_body, json_response, parse_object, readiness, route_pair, service_of, version_of
-from .schemas import ReadyResponse, body
+from .rest import Handler, inference_body, json_response, parse_object, route_pair, service_of, tensor_specs
+from .schemas import ReadyResponse, doc, request_body
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -52,9 +52,14 @@ INFER_EXAMPLES = [
         ],
     },
 ]
-INFER_BODY = body(v2_codec.InferRequest, examples=INFER_EXAMPLES)
+INFER_BODY = request_body(v2_codec.InferRequest, examples=INFER_EXAMPLES)
 # The region routes share a handler with their server-wide twins, which have no {name}.
 REGION_NAME = {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]}
+
+
+def _model_route(method: str, suffix: str = "", **options: Any) -> Callable[[Handler], Handler]:
+    """``/models/{model}<suffix>`` and ``/models/{model}/versions/{version}<suffix>``: one handler."""
+    return route_pair(router, method, "/models/{model}", suffix, **options)
 
 
 def extensions(service: Service) -> list[str]:
@@ -72,10 +77,13 @@ async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready", response_model=ReadyResponse, summary="Server ready", responses=responses.READY)
-async def ready(request: Request) -> Response:
-    body, ok = await readiness(service_of(request))
-    return json_response(body, 200 if ok else 503)
+router.add_api_route(
+    "/health/ready",
+    rest.ready,
+    response_model=ReadyResponse,
+    summary="Server ready",
+    responses=responses.READY,
+)
 
 
 @router.get("", response_model=v2_schemas.ServerMetadata, summary="Server metadata")
@@ -100,11 +108,9 @@ async def all_model_stats(request: Request) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-@route_pair(
-    router, "GET", "/models/{model}", "/stats", summary="Model statistics", responses=responses.V2_MODEL
-)
+@_model_route("GET", "/stats", summary="Model statistics", responses=responses.V2_MODEL)
 async def model_stats(model: str, request: Request) -> Response:
-    service, version = service_of(request), version_of(request)
+    service, version = service_of(request), request.path_params.get("version")
     entry = await service.entry(model, version, require_ready=False)  # unknown: 404, no table snapshot
     await service.coordinator.refresh()  # the version list below, as the coordinator has it now
     versions = [version] if version is not None else _versions(service, model) or [entry.version]
@@ -113,44 +119,33 @@ async def model_stats(model: str, request: Request) -> Response:
     return json_response(await asyncio.to_thread(stats.model_stats, keys))
 
 
-def _tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
-    return [v2_codec.tensor_entry(t.name, t.datatype, t.shape) for t in specs]
-
-
-@route_pair(
-    router,
-    "GET",
-    "/models/{model}",
-    response_model=v2_schemas.ModelMetadata,
-    summary="Model metadata",
-    responses=responses.V2_MODEL,
+@_model_route(
+    "GET", response_model=v2_schemas.ModelMetadata, summary="Model metadata", responses=responses.V2_MODEL
 )
 async def model_metadata(model: str, request: Request) -> Response:
     service = service_of(request)
-    entry = await service.entry(model, version_of(request), require_ready=False)
+    entry = await service.entry(model, request.path_params.get("version"), require_ready=False)
     schema = entry.schema
     return json_response(
         {
             "name": entry.model_id,
             "versions": _versions(service, model) or [entry.version],
             "platform": PLATFORM,
-            "inputs": _tensors(schema.inputs) if schema else [],
-            "outputs": _tensors(schema.outputs) if schema else [],
+            "inputs": tensor_specs(schema.inputs) if schema else [],
+            "outputs": tensor_specs(schema.outputs) if schema else [],
         }
     )
 
 
-@route_pair(
-    router,
+@_model_route(
     "GET",
-    "/models/{model}",
     "/ready",
     response_model=v2_schemas.ModelReady,
     summary="Model ready",
     responses=responses.V2_MODEL_READY,
 )
 async def model_ready(model: str, request: Request) -> Response:
-    version = version_of(request)
+    version = request.path_params.get("version")
     # Asked right after an unload made through another frontend process, this process's
     # snapshot may still say ready; readiness is a control-plane call, so ask the owner
     # (for this model only: an unknown name costs no snapshot of the table).
@@ -164,47 +159,32 @@ async def model_ready(model: str, request: Request) -> Response:
     return json_response(body, 200 if ok else 400)
 
 
-TRITON_TYPES = {
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "FP16": "TYPE_FP16",
-    "BOOL": "TYPE_BOOL",
-    "BYTES": "TYPE_STRING",
-}
+TRITON_TYPES = {t: "TYPE_STRING" if t == "BYTES" else f"TYPE_{t}" for t in datatypes.KNOWN}
 
 
-@route_pair(
-    router,
-    "GET",
-    "/models/{model}",
-    "/config",
-    summary="Model configuration (Triton-style)",
-    responses=responses.V2_MODEL,
-)
+def _triton_io(specs: list[TensorSpec], batched: int) -> list[dict[str, Any]]:
+    dims = [t.shape[1:] if batched else t.shape for t in specs]
+    return [
+        {"name": t.name, "data_type": TRITON_TYPES[t.datatype], "dims": d}
+        for t, d in zip(specs, dims, strict=True)
+    ]
+
+
+@_model_route("GET", "/config", summary="Model configuration (Triton-style)", responses=responses.V2_MODEL)
 async def model_config(model: str, request: Request) -> Response:
     """What Triton's config endpoint returns, so perf_analyzer and tritonclient tools work."""
-    entry = await service_of(request).entry(model, version_of(request), require_ready=False)
+    entry = await service_of(request).entry(model, request.path_params.get("version"), require_ready=False)
     schema = entry.schema
     batching = entry.config.batching
     max_batch = batching.max_batch_size if schema and schema.batched else 0
-
-    def io(specs: list[TensorSpec]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": t.name,
-                "data_type": TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}"),
-                "dims": t.shape[1:] if max_batch else t.shape,
-            }
-            for t in specs
-        ]
 
     config: dict[str, Any] = {
         "name": entry.model_id,
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "max_batch_size": max_batch,
-        "input": io(schema.inputs) if schema else [],
-        "output": io(schema.outputs) if schema else [],
+        "input": _triton_io(schema.inputs, max_batch) if schema else [],
+        "output": _triton_io(schema.outputs, max_batch) if schema else [],
     }
     if max_batch:
         config["dynamic_batching"] = {
@@ -217,10 +197,8 @@ async def model_config(model: str, request: Request) -> Response:
 # --- inference -------------------------------------------------------------------------------
 
 
-@route_pair(
-    router,
+@_model_route(
     "POST",
-    "/models/{model}",
     "/infer",
     summary="Inference",
     response_model=v2_schemas.InferenceResponse,
@@ -229,9 +207,8 @@ async def model_config(model: str, request: Request) -> Response:
 )
 async def infer(model: str, request: Request) -> Response:
     """Documents the route: ``frontend.fastpath`` serves it with ``infer_v2`` before FastAPI."""
-    return await infer_v2(
-        service_of(request), model, version_of(request), request.headers, await request.body()
-    )
+    version, body = request.path_params.get("version"), await request.body()
+    return await infer_v2(service_of(request), model, version, request.headers, body)
 
 
 async def infer_v2(
@@ -248,7 +225,8 @@ async def infer_v2(
         length = v2_codec.header_length(headers)
         body = inference_body(service, headers, body, length)
         # 404/409/503 for a model not ready before the body's own errors, as before any tensor is read.
-        await service.entry(model, version)
+        entry = await service.entry(model, version)
+        tracker.model, tracker.version = entry.model_id, entry.version  # bad inputs are counted per model
         call = InferenceCall(model, version, [], request_id=request_id_var.get(), lease=lease)
         binary_default = v2_codec.decode(body, length, call, service.settings.allow_client_shm)
         with await execute(service, call, tracker) as result:
@@ -268,7 +246,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     response_model=list[v2_schemas.RepositoryItem],
     summary="Repository index",
     responses=responses.V2_REPOSITORY_INDEX,
-    openapi_extra=body(v2_schemas.RepositoryIndexRequest, required=False),
+    openapi_extra=request_body(v2_schemas.RepositoryIndexRequest, required=False),
 )
 async def repository_index(request: Request) -> Response:
     body = await _json_body(request)
@@ -316,7 +294,7 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     response_model=v2_schemas.RepositoryLoaded,
     summary="Load a model",
     responses=responses.V2_REPOSITORY_LOAD,
-    openapi_extra=body(v2_schemas.RepositoryLoadRequest, required=False),
+    openapi_extra=request_body(v2_schemas.RepositoryLoadRequest, required=False),
 )
 async def repository_load(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -355,7 +333,7 @@ async def _default_version(service: Service, model: str) -> str:
     response_model=v2_schemas.RepositoryUnloaded,
     summary="Unload a model",
     responses=responses.V2_REPOSITORY_UNLOAD,
-    openapi_extra=body(v2_schemas.RepositoryUnloadRequest, required=False),
+    openapi_extra=request_body(v2_schemas.RepositoryUnloadRequest, required=False),
 )
 async def repository_unload(model: str, request: Request) -> Response:
     service = service_of(request)
@@ -375,28 +353,27 @@ async def repository_unload(model: str, request: Request) -> Response:
 # --- system shared memory extension -------------------------------------------------------------
 
 
+SHM_DISABLED = "system shared memory is disabled: set MODEL_SERVER_ALLOW_CLIENT_SHM=true to allow it"
+
+
 def _require_shm(service: Service) -> None:
     if not service.settings.allow_client_shm:
-        raise ApiError(
-            501,
-            "shm_disabled",
-            "system shared memory is disabled: set MODEL_SERVER_ALLOW_CLIENT_SHM=true to allow it",
-        )
+        raise ApiError(501, "shm_disabled", SHM_DISABLED)
 
 
-class _RegisterBody(msgspec.Struct, forbid_unknown_fields=False):
+class RegisterBody(msgspec.Struct):
     """Triton's register body; strict, so ``"offset": true`` or ``"byte_size": 1.5`` is a 400."""
 
-    key: str
-    byte_size: int
-    offset: int = 0
+    key: Annotated[str, doc("The POSIX shared-memory object's name, e.g. `/input0`.")]
+    byte_size: Annotated[int, msgspec.Meta(gt=0, description="Size of the region in bytes.")]
+    offset: Annotated[int, msgspec.Meta(ge=0, description="Where the region starts in the object.")] = 0
 
 
 @router.post(
     "/systemsharedmemory/region/{name}/register",
     summary="Register a shared-memory region",
     responses=responses.V2_SHM,
-    openapi_extra=body(v2_schemas.SharedMemoryRegister),
+    openapi_extra=request_body(RegisterBody),
 )
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)
@@ -405,12 +382,10 @@ async def shm_register(name: str, request: Request) -> Response:
     if not name or len(name) > limit:
         raise ApiError(400, "bad_region", f"shared memory region name must be 1 to {limit} characters")
     try:
-        body = msgspec.convert(await _json_body(request), _RegisterBody, strict=True)
+        body = msgspec.convert(await _json_body(request), RegisterBody, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "bad_region", f"register body: {exc}") from None
     key, offset, size = body.key, body.offset, body.byte_size
-    if offset < 0 or size <= 0:
-        raise ApiError(400, "bad_region", "'offset' must be >= 0 and 'byte_size' > 0 (integers)")
     try:
         object_name = client_shm.object_name(key, limit)
         if object_name.startswith("msrv_"):

@@ -22,30 +22,23 @@ from starlette.responses import Response
 
 from ipc import datatypes
 
-from .call import CallInput, CallOutput, CallResult, InferenceCall, RegionRef, ResultTensor
+from .call import CallInput, CallOutput, CallResult, InferenceCall, RegionRef, ResultTensor, bad
 from .errors import ApiError
+from .schemas import doc
 from .tensors import to_json
 
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _doc(description: str) -> msgspec.Meta:
-    return msgspec.Meta(description=description)
-
-
 class RequestInput(msgspec.Struct):
     name: str
-    datatype: Annotated[str, _doc("FP32, INT64, BYTES, ... (Open Inference Protocol datatypes).")]
-    shape: Annotated[list[int], _doc("Dimensions; the first is the batch for batched models.")]
+    datatype: Annotated[str, doc("FP32, INT64, BYTES, ... (Open Inference Protocol datatypes).")]
+    shape: Annotated[list[int], doc("Dimensions; the first is the batch for batched models.")]
     parameters: Annotated[
-        dict[str, Any],
-        _doc(
-            "`binary_data_size` (binary extension), `shared_memory_region`, "
-            "`shared_memory_byte_size`, `shared_memory_offset` (system shared memory)."
-        ),
+        dict[str, Any], doc("`binary_data_size`, or `shared_memory_region`, `_byte_size`, `_offset`.")
     ] = {}
     # Kept as JSON text: converted (or not) only once the call has passed its checks.
-    data: Annotated[msgspec.Raw, _doc("Row-major values, flat or nested (absent: binary/shm).")] = (
+    data: Annotated[msgspec.Raw, doc("Row-major values, flat or nested (absent: binary/shm).")] = (
         msgspec.field(default_factory=msgspec.Raw)
     )
 
@@ -53,7 +46,7 @@ class RequestInput(msgspec.Struct):
 class RequestOutput(msgspec.Struct):
     name: str
     parameters: Annotated[
-        dict[str, Any], _doc("`binary_data`, `classification` (top k), or a shared-memory region.")
+        dict[str, Any], doc("`binary_data`, `classification` (top k), or a shm region.")
     ] = {}
 
 
@@ -63,16 +56,12 @@ class InferRequest(msgspec.Struct):
     inputs: list[RequestInput]
     id: str | int | float | None = None
     parameters: Annotated[
-        dict[str, Any], _doc("`binary_data_output`, `timeout` (µs), as Triton reads them.")
+        dict[str, Any], doc("`binary_data_output`, `timeout` (µs), as Triton reads them.")
     ] = {}
-    outputs: Annotated[list[RequestOutput], _doc("Outputs to return (absent: all).")] = []
+    outputs: Annotated[list[RequestOutput], doc("Outputs to return (absent: all).")] = []
 
 
 _DECODER = msgspec.json.Decoder(InferRequest)
-
-
-def bad(message: str, status: int = 400) -> ApiError:
-    return ApiError(status, "bad_request", message)
 
 
 def header_length(headers: Mapping[str, str]) -> int | None:
@@ -190,10 +179,6 @@ def _int_param(params: dict[str, Any], key: str, where: str, required: bool = Fa
 # --- the response --------------------------------------------------------------------------
 
 
-def tensor_entry(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": shape}
-
-
 def encode(result: CallResult, binary_default: bool) -> Response:
     """The JSON body, or with any binary output the JSON header then the tensors.
 
@@ -216,7 +201,7 @@ def encode(result: CallResult, binary_default: bool) -> Response:
 
 def _output_entry(tensor: ResultTensor, binary_default: bool, binary: list[memoryview]) -> dict[str, Any]:
     spec = tensor.requested
-    entry = tensor_entry(tensor.name, tensor.datatype, tensor.shape)
+    entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
     wants_binary = spec.binary if spec is not None else binary_default
     if spec is not None and spec.region is not None:
         entry["parameters"] = {

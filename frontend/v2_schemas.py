@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .schemas import TensorSchema
+
 
 class ResponseOutput(BaseModel):
     name: str
@@ -63,12 +65,6 @@ class RepositoryUnloadRequest(BaseModel):
     parameters: RepositoryUnloadParameters | None = None
 
 
-class SharedMemoryRegister(BaseModel):
-    key: str = Field(description="The POSIX shared-memory object's name, e.g. `/input0`.")
-    offset: int = Field(0, ge=0, description="Where the region starts in the object.")
-    byte_size: int = Field(gt=0, description="Size of the region in bytes.")
-
-
 # --- responses ----------------------------------------------------------------------------------
 
 
@@ -82,18 +78,12 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-class TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int] = Field(description="-1 marks a variable dimension.")
-
-
 class ModelMetadata(BaseModel):
     name: str
     versions: list[str]
     platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
+    inputs: list[TensorSchema]
+    outputs: list[TensorSchema]
 
 
 class ModelReady(BaseModel):
