@@ -427,9 +427,10 @@ def _log_cell(number: int, total: int, cell: Cell, seconds: float) -> None:
     where += f" c={cell.concurrency} b={cell.batch}"
     if cell.ok:
         log.info(
-            "%s: %s req/s, p50 %s ms, p99 %s ms, %d errors (%.0f s)",
+            "%s: %s req/s, p50 %s ms, p99 %s ms, %d errors, mean batch %s, frontend CPU %s µs/req (%.0f s)",
             where, report.fmt_num(cell.rps), report.fmt_num(cell.p50_ms), report.fmt_num(cell.p99_ms),
-            cell.errors, seconds,
+            cell.errors, report.fmt_optional(cell.mean_batch_rows), report.fmt_optional(cell.frontend_cpu_us),
+            seconds,
         )  # fmt: skip
     else:
         log.info("%s: %s", where, cell.error)

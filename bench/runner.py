@@ -165,9 +165,10 @@ class ServerSide:
             log.debug("%s: no batch counters: %s", self.peer.name, exc)
             return None
 
+    # The /metrics reads sit outside the CPU window: their own frontend CPU is not the cell's.
     def __enter__(self) -> ServerSide:
-        self.cpu = cpu_seconds(self.peer.frontend_pids())
         self.batches = self._counters()
+        self.cpu = cpu_seconds(self.peer.frontend_pids())
         return self
 
     def __exit__(
