@@ -339,7 +339,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     out.append(
         f"Settings: {settings.get('duration_s')} s per repetition, {settings.get('reps')} repetition(s) "
         f"(medians shown), {settings.get('warmup_s')} s warm-up, {workers} worker process(es) for every "
-        f"server, batch {settings.get('batch')} per request, concurrency {settings.get('concurrency')}"
+        f"server, batch {settings.get('batch')} per request, "
+        + (
+            f"concurrency sweep {settings['concurrency']}"
+            if settings.get("concurrency")
+            else "the cells the targets need (c per row)"
+        )
         + (" (**quick smoke run: not for the record**)" if settings.get("quick") else "")
         + "."
     )
