@@ -14,26 +14,52 @@ options are :mod:`bench.ort_options`'s, as for every other peer.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.models import served_ids
 from bench.peers import HOST, Peer, PeerOptions, PeerUnavailable, free_port, http_request
 from bench.serverstats import BatchCounters, triton_batch_counters
 from bench.venv import REPO_ROOT
 
+log = logging.getLogger(__name__)
+
 LITSERVE_API_SERVERS = 2
 
 
-def _stop_group(peer: Peer) -> None:
-    """SIGTERM the peer's whole session (started with ``start_new_session``): these servers
-    leave their child processes (tritonserver and its stubs, LitServe's workers) behind when
-    only the parent is told to stop."""
-    if peer.proc is not None and peer.proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(peer.proc.pid, signal.SIGTERM)
+def _stop_gracefully(peer: Peer, signum: int, group: bool) -> None:
+    """Ask the peer to stop the way its own docs do, and reap the children it leaves.
+
+    PyTriton shuts tritonserver down on SIGINT (Ctrl-C); on SIGTERM its Python process dies
+    and leaves the server and backend stubs (in sessions of their own) to the killer in
+    :meth:`Peer.stop`. LitServe's API servers and workers share its session: the group gets
+    the signal. Whatever is still alive afterwards, :meth:`Peer.stop` kills by pid."""
+    proc = peer.proc
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(proc.pid, signum)  # the session start_new_session made: ours alone
+        else:
+            proc.send_signal(signum)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=peer.options.stop_timeout_s)
+    _, alive = psutil.wait_procs(family, timeout=5)
+    for child in alive:
+        log.warning("%s left pid %d running after exit; killing it", peer.name, child.pid)
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _peer_env() -> dict[str, str]:
@@ -100,7 +126,7 @@ class PyTritonPeer(Peer):
             raise
 
     def stop(self) -> None:
-        _stop_group(self)
+        _stop_gracefully(self, signal.SIGINT, group=False)
         super().stop()
 
     def batch_counters(self, model_id: str) -> BatchCounters | None:
@@ -155,5 +181,5 @@ class LitServePeer(Peer):
             raise
 
     def stop(self) -> None:
-        _stop_group(self)
+        _stop_gracefully(self, signal.SIGTERM, group=True)
         super().stop()
