@@ -68,15 +68,6 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
-def vs_mlserver(idx: dict[Key, Cell], cell: Cell, mlserver_peer: str) -> float | None:
-    """This server's req/s over MLServer's V2 JSON req/s for the same model, c and batch (wrk rows
-    only: the Python-client rows use another load generator)."""
-    if cell.peer != OURS or PATH_CLIENT.get(cell.path) != "wrk":
-        return None
-    other = find(idx, mlserver_peer, cell.model, "v2-json", cell.concurrency, cell.batch)
-    return ratio(cell.rps, other.rps) if other else None
-
-
 def best_peer(idx: dict[Key, Cell], cell: Cell) -> Cell | None:
     """The fastest other server (not raw onnxruntime) on ``cell``'s model, path, c, batch, batching."""
     others = [

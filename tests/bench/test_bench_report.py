@@ -14,7 +14,6 @@ from bench.report import (
     render_markdown,
     replace_section,
     vs_best_peer,
-    vs_mlserver,
     vs_ort,
 )
 from bench.stats import SKIPPED, Cell, Rep
@@ -58,7 +57,6 @@ def test_ratios() -> None:
     assert vs_best_peer(idx, batched) == pytest.approx(700 / 530)  # against Triton's batcher
     assert vs_best_peer(idx, idx[("pytriton", "tabular", "v2-json", 32, 1, False)]) is None
     assert vs_best_peer(idx, idx[("ours", "cnn", "v2-json", 8, 1, False)]) == pytest.approx(100 / 85)
-    assert vs_mlserver(idx, ours, "mlserver-parallel") == pytest.approx(5.0)
     assert vs_ort(idx, ours) == pytest.approx(0.04)
 
 
