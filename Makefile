@@ -40,8 +40,10 @@ integration: install
 contract: install
 	$(PY) -m pytest -q tests/integration/test_contract.py
 
+# Every peer, the cells issue 12's targets need (about 20-25 minutes on 2 cores). One row again:
+# make bench BENCH_ARGS="--peers ours,pytriton --only mlp:v2-binary"
 bench: install
-	$(PY) -m bench.run --write-md BENCHMARKS.md
+	$(PY) -m bench.run --write-md BENCHMARKS.md $(BENCH_ARGS)
 
 # Re-resolve the pinned versions (needs the network).
 lock:

@@ -11,6 +11,8 @@ Paths:
   bodies are not rebuilt either); outputs come back in binary (this server).
 - ``py-binary`` / ``py-shm``: a Python client process loop (:mod:`bench.pyclient`),
   binary HTTP or system shared memory; not wrk.
+- ``grpc``: KServe V2 gRPC through ``tritonclient.grpc`` (``raw_input_contents``), Python
+  client processes with threads (:mod:`bench.pyclient`).
 - ``in-process``: raw onnxruntime, no server (:mod:`bench.ort_raw`).
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from bench.models import ReferenceModel, sample_input
 
 WRK_PATHS = ("v2-json", "v2-binary", "v1-records", "v2-shm")
-PY_PATHS = ("py-binary", "py-shm")
+PY_PATHS = ("py-binary", "py-shm", "grpc")
 ORT_PATH = "in-process"
 ALL_PATHS = (*WRK_PATHS, *PY_PATHS, ORT_PATH)
 

@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 
 from bench.models import BATCHED_SUFFIX, served_ids
+from bench.serverstats import BatchCounters, ours_batch_counters
 from bench.venv import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Peer:
         self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.grpc_port = 0  # 0: no gRPC endpoint
         self.log_file = work_dir / f"{self.name}.log"
         self.note = ""
 
@@ -132,6 +134,14 @@ class Peer:
     def profile_targets(self) -> list[tuple[str, int]]:
         """(role, pid) of processes worth profiling with py-spy."""
         return []
+
+    def frontend_pids(self) -> list[int]:
+        """Processes whose CPU per request the report shows (this server's frontends)."""
+        return []
+
+    def batch_counters(self, model_id: str) -> BatchCounters | None:
+        """Rows and executions of ``model_id`` so far, where the peer exposes them."""
+        return None
 
     def start(self) -> None:
         raise NotImplementedError
@@ -217,7 +227,7 @@ class OurServer(Peer):
     """This project's server, started with ``model-server serve``."""
 
     name = "ours"
-    paths = ("v2-json", "v2-binary", "v1-records", "v2-shm", "py-binary", "py-shm")
+    paths = ("v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm")
 
     def __init__(
         self, work_dir: Path, options: PeerOptions, repository: Path, model_names: list[str]
@@ -279,6 +289,7 @@ class OurServer(Peer):
                 "MODEL_SERVER_GPUS": "none",
                 "MODEL_SERVER_ORT_INTRA_OP_THREADS": "1",
                 "MODEL_SERVER_DRAIN_SECONDS": "5",
+                "MODEL_SERVER_GRPC_PORT": str(self.grpc_port),
             }
         )
         env.update(self.options.extra_env)
@@ -293,6 +304,7 @@ class OurServer(Peer):
         if not Path(command[0]).exists():
             raise PeerUnavailable(f"{command[0]} not found (run `make install`)")
         self.port = free_port()
+        self.grpc_port = free_port()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_models_file()
         self._spawn(command, self.environment(), REPO_ROOT)
@@ -330,6 +342,15 @@ class OurServer(Peer):
         for role, pid in targets:
             first.setdefault(role, (role, pid))
         return list(first.values())
+
+    def frontend_pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        return [pid for _, pid in _children_matching(self.proc.pid, ("frontend",))]
+
+    def batch_counters(self, model_id: str) -> BatchCounters | None:
+        status, _, body = http_request(self.port, "GET", "/metrics", b"", {}, timeout=10.0)
+        return ours_batch_counters(body.decode(errors="replace"), model_id) if status == 200 else None
 
     def stop(self) -> None:
         super().stop()

@@ -1,5 +1,5 @@
-"""A Python client loop for the paths wrk cannot drive: system shared memory, and binary
-HTTP sent by the same client so the two can be compared honestly.
+"""A Python client loop for the paths wrk cannot drive: system shared memory, gRPC, and
+binary HTTP sent by the same client so the first two can be compared honestly.
 
 K client processes (spawned, one keep-alive ``http.client`` connection each) each loop
 for a fixed time. Per request the client pays for what a real client pays for:
@@ -11,6 +11,10 @@ for a fixed time. Per request the client pays for what a real client pays for:
   regions. Regions are ``/dev/shm`` files opened with ``os.open`` + ``mmap`` (no
   resource tracker) and registered once with
   ``POST /v2/systemsharedmemory/region/{name}/register``.
+- ``grpc``: ``tritonclient.grpc`` (KServe V2 ``GRPCInferenceService/ModelInfer``) with the
+  input as ``raw_input_contents`` (its default), outputs copied out with ``as_numpy``.
+  Concurrency above the process count runs as threads, each with its own channel
+  (gRPC calls release the GIL), so c=32 does not need 32 processes on 2 cores.
 
 So both rows include the client's copies; wrk's rows do not (wrk re-sends a fixed body
 from memory and throws the reply away), which is why these rows are labelled with
@@ -26,9 +30,10 @@ import mmap
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +49,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
 }
 CLIENT_LABEL = "Python http.client, {k} process(es)"
+GRPC_CLIENT_LABEL = "Python tritonclient.grpc, {p} process(es) x {t} thread(s)"
 SETUP_TIMEOUT_S = 60.0
 
 
@@ -53,11 +59,20 @@ class ClientJob:
     port: int
     model: str  # reference model name
     model_id: str
-    path: str  # py-binary or py-shm
+    path: str  # py-binary, py-shm or grpc
     batch: int
     duration_s: float
     warmup_s: float
     timeout_s: float = 30.0
+    grpc_port: int = 0
+    threads: int = 1  # concurrent loops per process (grpc only)
+
+
+def grpc_layout(concurrency: int, max_processes: int) -> tuple[int, int]:
+    """(processes, threads per process) for ``concurrency`` gRPC calls in flight; the product is
+    the smallest multiple of the process count that reaches ``concurrency``."""
+    processes = max(1, min(concurrency, max_processes))
+    return processes, -(-concurrency // processes)
 
 
 class Region:
@@ -103,6 +118,9 @@ class _Client:
         elif job.path == "py-shm":
             self._setup_shm()
             self.call = self._shm
+        elif job.path == "grpc":
+            self._setup_grpc()
+            self.call = self._grpc
         else:
             raise ValueError(f"unknown client path {job.path!r}")
 
@@ -168,6 +186,32 @@ class _Client:
         json.loads(data)
         return [view.copy() for _, view in self.outputs]
 
+    # --- gRPC ------------------------------------------------------------------------
+    def _setup_grpc(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.grpc = grpcclient.InferenceServerClient(f"{self.job.host}:{self.job.grpc_port}")
+        self.grpc_input = grpcclient.InferInput(
+            self.spec.input.name, list(self.source.shape), self.spec.input.datatype
+        )
+        self.grpc_outputs = [out.name for out in self.spec.outputs]
+
+    def _grpc(self) -> list[np.ndarray]:
+        self.grpc_input.set_data_from_numpy(self.source)  # the client's copy into the request
+        result = self.grpc.infer(self.job.model_id, [self.grpc_input], client_timeout=self.job.timeout_s)
+        arrays = []
+        for name in self.grpc_outputs:
+            value = result.as_numpy(name)
+            if value is None:
+                raise RuntimeError(f"no output {name!r} in the gRPC response")
+            arrays.append(value.copy())
+        return arrays
+
+    def reset(self) -> None:
+        """After a failed call: HTTP reconnects on the next request; a gRPC channel recovers itself."""
+        if self.job.path != "grpc":
+            self.conn.close()
+
     # --- binary HTTP -----------------------------------------------------------------
     def _binary(self) -> list[np.ndarray]:
         body = self.header + self.source.tobytes()
@@ -192,6 +236,8 @@ class _Client:
         return arrays
 
     def close(self) -> None:
+        if self.job.path == "grpc":
+            self.grpc.close()
         for region in self.regions:
             with contextlib.suppress(Exception):
                 self.conn.request("POST", f"/v2/systemsharedmemory/region/{region.name}/unregister", body=b"")
@@ -203,17 +249,60 @@ class _Client:
         self.conn.close()
 
 
+@dataclass
+class _Loop:
+    """What one client loop measured."""
+
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    errors: int = 0
+    first_error: str = ""
+    elapsed_s: float = 0.0
+
+
+def _timed_loop(client: _Client, duration_s: float, out: _Loop) -> None:
+    clock = time.perf_counter
+    begin = clock()
+    end = begin + duration_s
+    now = begin
+    while now < end:
+        try:
+            client.call()
+            after = clock()
+            out.latencies.append(after - now)
+        except Exception as exc:
+            out.errors += 1
+            out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"
+            after = clock()
+            client.reset()
+        now = after
+    out.elapsed_s = now - begin
+
+
+def _run_loops(clients: list[_Client], duration_s: float) -> list[_Loop]:
+    """One loop per client: in this thread for one, in threads for several (gRPC)."""
+    loops = [_Loop() for _ in clients]
+    if len(clients) == 1:
+        _timed_loop(clients[0], duration_s, loops[0])
+        return loops
+    threads = [
+        threading.Thread(target=_timed_loop, args=(client, duration_s, loop), daemon=True)
+        for client, loop in zip(clients, loops, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return loops
+
+
 def _client_main(job: ClientJob, ready: Any, start: Any, abort: Any, results: Any) -> None:
-    errors = 0
-    first_error = ""
-    latencies = array("d")
-    client: _Client | None = None
+    clients: list[_Client] = []
     try:
         try:
-            client = _Client(job)
-            deadline = time.perf_counter() + job.warmup_s
-            while time.perf_counter() < deadline:
-                client.call()
+            clients = [_Client(job) for _ in range(max(1, job.threads))]
+            warm = _run_loops(clients, job.warmup_s)
+            if any(loop.errors and not loop.latencies for loop in warm):
+                raise RuntimeError(next(loop.first_error for loop in warm if loop.first_error))
         except Exception as exc:
             ready.put(f"{type(exc).__name__}: {exc}")
             return
@@ -221,24 +310,15 @@ def _client_main(job: ClientJob, ready: Any, start: Any, abort: Any, results: An
         start.wait(SETUP_TIMEOUT_S)
         if abort.is_set() or not start.is_set():
             return
-        clock = time.perf_counter
-        begin = clock()
-        end = begin + job.duration_s
-        now = begin
-        while now < end:
-            try:
-                client.call()
-                after = clock()
-                latencies.append(after - now)
-            except Exception as exc:
-                errors += 1
-                first_error = first_error or f"{type(exc).__name__}: {exc}"
-                after = clock()
-                client.conn.close()  # http.client reconnects on the next request
-            now = after
-        results.put((latencies.tobytes(), now - begin, errors, first_error))
+        loops = _run_loops(clients, job.duration_s)
+        latencies = array("d")
+        for loop in loops:
+            latencies.extend(loop.latencies)
+        errors = sum(loop.errors for loop in loops)
+        first_error = next((loop.first_error for loop in loops if loop.first_error), "")
+        results.put((latencies.tobytes(), max(loop.elapsed_s for loop in loops), errors, first_error))
     finally:
-        if client is not None:
+        for client in clients:
             client.close()  # unregisters and unlinks its regions, also on Ctrl-C
 
 

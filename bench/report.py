@@ -1,9 +1,11 @@
 """Results JSON -> ratios, target verdicts and the Markdown for BENCHMARKS.md (pure).
 
 Ratios compare medians of the same model, concurrency and batch size:
-- ``÷ MLServer`` / ``÷ MLServer ∥N``: this server's req/s over MLServer's V2 JSON req/s
-  (in-process / with N parallel workers), whatever path this server's row used;
+- ``÷ best peer``: this server's req/s over the best other server's req/s on the same
+  path (V2 JSON, V2 binary, gRPC) with the same batching;
 - ``÷ ORT``: rows/s over raw onnxruntime's rows/s (one thread, same batch size).
+Per cell also: the mean executed batch (rows per model execution) and this server's
+frontend CPU per request (:mod:`bench.serverstats`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 from bench.stats import Cell
 
 OURS, MLS, MLS_PAR, ORT = "ours", "mlserver", "mlserver-parallel", "ort"
+TRITON, LIT = "pytriton", "litserve"
 MD_START, MD_END = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGET_CONCURRENCY = 32
 BUSY_PCT = 15.0  # CPU use before a peer starts above which the report warns
 NOISY_PCT = 10.0  # CPU used by other processes during a cell above which it is flagged
-PATH_ORDER = ("v2-json", "v2-binary", "v1-records", "v2-shm", "py-binary", "py-shm", "in-process")
-PEER_ORDER = (OURS, MLS, MLS_PAR, ORT)
+FRONTEND_CPU_LIMIT_US = 300.0  # issue 12: frontend CPU per small request
+PATH_ORDER = ("v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm", "in-process")
+PEER_ORDER = (OURS, MLS, MLS_PAR, TRITON, LIT, ORT)
 MODEL_ORDER = ("tabular", "mlp", "cnn")
 PATH_CLIENT = {
     "v2-json": "wrk",
@@ -30,10 +34,12 @@ PATH_CLIENT = {
     "v2-shm": "wrk",
     "py-binary": "Python client",
     "py-shm": "Python client",
+    "grpc": "tritonclient.grpc",
     "in-process": "loop",
 }
 
 Key = tuple[str, str, str, int, int, bool]
+Getter = Callable[..., "Cell | None"]
 
 
 def cells_of(results: dict[str, Any]) -> list[Cell]:
@@ -62,12 +68,23 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
-def vs_mlserver(idx: dict[Key, Cell], cell: Cell, mlserver_peer: str) -> float | None:
-    """This server's req/s over MLServer's V2 JSON req/s for the same model, c and batch (wrk rows
-    only: the Python-client rows use another load generator)."""
-    if cell.peer != OURS or PATH_CLIENT.get(cell.path) != "wrk":
+def best_peer(idx: dict[Key, Cell], cell: Cell) -> Cell | None:
+    """The fastest other server (not raw onnxruntime) on ``cell``'s model, path, c, batch, batching."""
+    others = [
+        other
+        for other in idx.values()
+        if other.peer not in (cell.peer, ORT)
+        and (other.model, other.path, other.concurrency, other.batch, other.batching)
+        == (cell.model, cell.path, cell.concurrency, cell.batch, cell.batching)
+    ]
+    return max(others, key=lambda other: other.rps) if others else None
+
+
+def vs_best_peer(idx: dict[Key, Cell], cell: Cell) -> float | None:
+    """This server's req/s over the best other server's on the same path."""
+    if cell.peer != OURS:
         return None
-    other = find(idx, mlserver_peer, cell.model, "v2-json", cell.concurrency, cell.batch)
+    other = best_peer(idx, cell)
     return ratio(cell.rps, other.rps) if other else None
 
 
@@ -122,78 +139,88 @@ def _times(factor: float, value: float | None) -> float | None:
     return factor * value if value is not None else None
 
 
-def evaluate_targets(cells: Iterable[Cell]) -> list[Verdict]:
-    idx = index(cells)
+def _tabular_targets(get: Getter, idx: dict[Key, Cell]) -> list[Verdict]:
     c = TARGET_CONCURRENCY
+    verdicts: list[Verdict] = []
+    ours_c1 = get(OURS, "tabular", "v2-json", 1)
+    peers_c1 = [
+        cell
+        for cell in idx.values()
+        if cell.peer not in (OURS, ORT) and cell.key[1:] == ("tabular", "v2-json", 1, 1, False)
+    ]
+    fastest = min(peers_c1, key=lambda cell: cell.p50_ms) if peers_c1 else None
+    verdicts.append(
+        at_most(
+            "tabular, V2 JSON, c=1: p50 below every peer's" + (f" (best: {fastest.peer})" if fastest else ""),
+            ours_c1.p50_ms if ours_c1 else None,
+            fastest.p50_ms * 0.999999 if fastest else float("nan"),
+            "p50 ms",
+        )
+    )
+    ours_c32 = get(OURS, "tabular", "v2-json", c)
+    best = best_peer(idx, ours_c32) if ours_c32 else None
+    verdicts.append(
+        at_least(
+            f"tabular, V2 JSON, c={c}: ≥ 1.5x the best peer" + (f" ({best.peer})" if best else ""),
+            _rps(ours_c32),
+            _times(1.5, _rps(best)),
+            "req/s",
+        )
+    )
+    verdicts.append(
+        at_most(
+            f"tabular, V2 JSON, c={c}: frontend CPU ≤ {FRONTEND_CPU_LIMIT_US:.0f} µs/request",
+            ours_c32.frontend_cpu_us if ours_c32 else None,
+            FRONTEND_CPU_LIMIT_US,
+            "µs/request",
+        )
+    )
+    return verdicts
+
+
+def _mlp_targets(get: Getter) -> list[Verdict]:
+    c = TARGET_CONCURRENCY
+    batched = get(OURS, "mlp", "v2-binary", c, True)
+    plain = get(OURS, "mlp", "v2-binary", c)
+    triton = get(TRITON, "mlp", "v2-binary", c, True)
+    return [
+        at_least(
+            f"MLP, 1-row V2 binary, c={c}: batched ≥ 5x unbatched",
+            _rps(batched),
+            _times(5.0, _rps(plain)),
+            "req/s",
+        ),
+        at_least(
+            f"MLP, 1-row V2 binary, c={c}: mean executed batch ≥ 12 rows",
+            batched.mean_batch_rows if batched else None,
+            12.0,
+            "rows",
+        ),
+        at_least(
+            f"MLP, 1-row V2 binary, c={c}: ≥ 1.5x Triton's dynamic batcher",
+            _rps(batched),
+            _times(1.5, _rps(triton)),
+            "req/s",
+        ),
+    ]
+
+
+def evaluate_targets(cells: Iterable[Cell]) -> list[Verdict]:
+    """Issue 12's targets, in its order."""
+    idx = index(cells)
 
     def get(peer: str, model: str, path: str, conc: int, batching: bool = False) -> Cell | None:
         return find(idx, peer, model, path, conc, 1, batching)
 
-    verdicts: list[Verdict] = []
-    ours_tab = _rps(get(OURS, "tabular", "v2-json", c))
+    verdicts = _tabular_targets(get, idx) + _mlp_targets(get)
     verdicts.append(
         at_least(
-            f"tabular, V2 JSON, c={c}: ≥ 2x MLServer with parallel workers",
-            ours_tab,
-            _times(2.0, _rps(get(MLS_PAR, "tabular", "v2-json", c))),
+            "CNN, V2 JSON, c=8: ≥ 2x MLServer in-process",
+            _rps(get(OURS, "cnn", "v2-json", 8)),
+            _times(2.0, _rps(get(MLS, "cnn", "v2-json", 8))),
             "req/s",
         )
     )
-    mls_tab = _rps(get(MLS, "tabular", "v2-json", c))
-    verdicts.append(
-        at_least(
-            f"tabular, V2 JSON, c={c}: ahead of MLServer in-process",
-            ours_tab,
-            mls_tab * 1.000001 if mls_tab is not None else None,
-            "req/s",
-        )
-    )
-    tab_c1 = get(OURS, "tabular", "v2-json", 1)
-    verdicts.append(
-        at_most("tabular, V2 JSON, c=1: p50 ≤ 0.5 ms", tab_c1.p50_ms if tab_c1 else None, 0.5, "p50 ms")
-    )
-    verdicts.append(
-        at_least(
-            f"CNN, V2 JSON, c={c}: ≥ 2x MLServer in-process",
-            _rps(get(OURS, "cnn", "v2-json", c)),
-            _times(2.0, _rps(get(MLS, "cnn", "v2-json", c))),
-            "req/s",
-        )
-    )
-    mls_cnn = [r for r in (_rps(get(MLS, "cnn", "v2-json", c)), _rps(get(MLS_PAR, "cnn", "v2-json", c))) if r]
-    verdicts.append(
-        at_least(
-            f"CNN, V2 binary, c={c}: ≥ 10x MLServer's V2 JSON (the better of its two modes)",
-            _rps(get(OURS, "cnn", "v2-binary", c)),
-            10.0 * max(mls_cnn) if mls_cnn else None,
-            "req/s",
-        )
-    )
-    ort_cnn = get(ORT, "cnn", "in-process", 1)
-    for path, label in (("v2-shm", "wrk, region written once"), ("py-shm", "Python client, copies included")):
-        shm = [
-            cell for cell in idx.values() if cell.peer == OURS and cell.model == "cnn" and cell.path == path
-        ]
-        best_shm = max(shm, key=lambda cell: cell.rps) if shm else None
-        verdicts.append(
-            at_least(
-                f"CNN, shared memory ({label}, best concurrency): ≥ 50% of raw onnxruntime calls/s",
-                best_shm.rps if best_shm else None,
-                _times(0.5, _rps(ort_cnn)),
-                f"req/s (c={best_shm.concurrency})" if best_shm else "req/s",
-            )
-        )
-    for path, label in (("v2-json", "V2 JSON"), ("v2-binary", "V2 binary")):
-        batched = get(OURS, "mlp", path, 64, batching=True)
-        plain = get(OURS, "mlp", path, 64)
-        verdicts.append(
-            at_least(
-                f"MLP, {label}, c=64: rows/s with dynamic batching ≥ 5x without",
-                batched.rows_per_s if batched else None,
-                _times(5.0, plain.rows_per_s if plain else None),
-                "rows/s",
-            )
-        )
     return verdicts
 
 
@@ -235,24 +262,30 @@ def _sort_key(cell: Cell) -> tuple[int, bool, int, int, int]:
     return (path, cell.batching, cell.concurrency, cell.batch, peer)
 
 
-def model_table(cells: list[Cell], idx: dict[Key, Cell], workers: int) -> list[str]:
+def fmt_optional(value: float | None) -> str:
+    return "—" if value is None else fmt_num(value)
+
+
+def model_table(cells: list[Cell], idx: dict[Key, Cell]) -> list[str]:
     lines = [
-        f"| path (client) | c | peer | req/s | rows/s | p50 ms | p99 ms | errors | ÷ MLServer | "
-        f"÷ MLServer ∥{workers} | ÷ ORT | busy elsewhere |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path (client) | c | peer | req/s | rows/s | p50 ms | p99 ms | errors | mean batch | "
+        "frontend CPU µs/req | ÷ best peer | ÷ ORT | busy elsewhere |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in sorted((c for c in cells if c.peer != ORT), key=_sort_key):
         if not cell.ok:
+            what = "skipped" if cell.skipped else "failed"
+            reason = (cell.error or "no data").removeprefix("skipped: ").splitlines()[0][:100]
             lines.append(
-                f"| {_path_label(cell)} | {cell.concurrency} | {cell.peer} | failed: "
-                f"{(cell.error or 'no data').splitlines()[0][:80]} | | | | | | | | |"
+                f"| {_path_label(cell)} | {cell.concurrency} | {cell.peer} | {what}: {reason} "
+                "| | | | | | | | | |"
             )
             continue
         lines.append(
             f"| {_path_label(cell)} | {cell.concurrency} | {cell.peer} | {fmt_num(cell.rps)} | "
             f"{fmt_num(cell.rows_per_s)} | {fmt_num(cell.p50_ms)} | {fmt_num(cell.p99_ms)} | {cell.errors} | "
-            f"{fmt_ratio(vs_mlserver(idx, cell, MLS))} | {fmt_ratio(vs_mlserver(idx, cell, MLS_PAR))} | "
-            f"{fmt_ratio(vs_ort(idx, cell))} | {fmt_busy(cell)} |"
+            f"{fmt_optional(cell.mean_batch_rows)} | {fmt_optional(cell.frontend_cpu_us)} | "
+            f"{fmt_ratio(vs_best_peer(idx, cell))} | {fmt_ratio(vs_ort(idx, cell))} | {fmt_busy(cell)} |"
         )
     return lines
 
@@ -297,7 +330,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     out.append(
         f"Settings: {settings.get('duration_s')} s per repetition, {settings.get('reps')} repetition(s) "
         f"(medians shown), {settings.get('warmup_s')} s warm-up, {workers} worker process(es) for every "
-        f"server, batch {settings.get('batch')} per request, concurrency {settings.get('concurrency')}"
+        f"server, batch {settings.get('batch')} per request, "
+        + (
+            f"concurrency sweep {settings['concurrency']}"
+            if settings.get("concurrency")
+            else "the cells the targets need (c per row)"
+        )
         + (" (**quick smoke run: not for the record**)" if settings.get("quick") else "")
         + "."
     )
@@ -340,14 +378,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             continue
         info = models.get(model, {})
         out += [f"### {model}: {info.get('description', '')}", ""]
-        out += model_table(model_cells, idx, workers)
+        out += model_table(model_cells, idx)
         out.append("")
     ort_cells = [c for c in cells if c.peer == ORT]
     if ort_cells:
         out += ["### Raw onnxruntime in-process (one thread, no server: the limit)", ""]
         out += ort_table(ort_cells)
         out.append("")
-    out += ["### Targets (issue 5)", "", "| target | measured | status |", "|---|---|---|"]
+    out += ["### Targets (issue 12)", "", "| target | measured | status |", "|---|---|---|"]
     for verdict in evaluate_targets(cells):
         out.append(f"| {verdict.target} | {verdict.measured} | {verdict.status} |")
     out.append("")
@@ -363,8 +401,15 @@ NOTES = [
     "- Python-client rows (py-binary, py-shm): c client processes, one keep-alive connection each; every "
     "request includes the client's own copies (body build / shared-memory write, output copy-out). Compare "
     "py-shm with py-binary, not with wrk rows.",
-    "- ÷ MLServer columns divide this server's req/s (wrk rows) by MLServer's V2 JSON req/s at the same "
-    "concurrency; ÷ ORT divides rows/s by raw onnxruntime's single-thread rows/s.",
+    "- gRPC rows: c calls in flight from Python tritonclient.grpc processes (threads within each), inputs "
+    "as raw_input_contents; the client's own CPU shares the 2 cores, so compare gRPC rows with each other "
+    "and with REST binary only as an order of magnitude.",
+    "- ÷ best peer divides this server's req/s by the fastest other server's on the same path, c and "
+    "batching; ÷ ORT divides rows/s by raw onnxruntime's single-thread rows/s.",
+    "- mean batch: rows per model execution over the timed repetitions (this server: "
+    "model_server_batch_size_rows sum/count from /metrics; Triton: nv_inference_count / "
+    "nv_inference_exec_count). frontend CPU µs/req: user+system CPU of this server's frontend processes "
+    "over the repetitions ÷ requests completed.",
     "- busy elsewhere: CPU that processes other than the peer and the harness (and the hypervisor's "
     f"steal) took during the cell, as % of all cores; above {NOISY_PCT:.0f}% (bold) the cell's numbers "
     "are perturbed.",

@@ -1,14 +1,17 @@
-"""``python -m bench.run`` (``make bench``): this server vs MLServer vs raw onnxruntime.
+"""``python -m bench.run`` (``make bench``): this server vs MLServer, PyTriton, LitServe and raw onnxruntime.
 
 One run on one machine: build the reference models, start each peer in turn on
-127.0.0.1 with the same number of worker processes, drive it with wrk (and a Python
-client for shared memory), sample its memory, stop it; then write
-``bench/results/<timestamp>.json`` and the Markdown for BENCHMARKS.md.
+127.0.0.1 with the same number of worker processes, drive it with wrk (and Python
+clients for shared memory and gRPC), sample its memory, stop it; then write
+``bench/results/<timestamp>.json`` and the Markdown for BENCHMARKS.md. By default the
+cells are those the issue's targets need (about 20 minutes on 2 cores with every peer);
+``--concurrency`` sweeps every path at the levels given instead.
 
 Examples::
 
-    python -m bench.run --quick                      # smoke run, about 3 minutes
+    python -m bench.run --quick                      # smoke run, 3 s cells, 1 repetition
     python -m bench.run --write-md BENCHMARKS.md     # the full run for the record
+    python -m bench.run --peers pytriton --only mlp:v2-binary --duration 2 --reps 1
     python -m bench.run --peers ours --models tabular --concurrency 32 --profile
     python -m bench.run --render bench/results/20250101-120000.json --write-md BENCHMARKS.md
 """
@@ -35,17 +38,34 @@ import psutil
 
 from bench import loadgen, models, report
 from bench.memory import MemorySampler
+from bench.more_peers import LitServePeer, PyTritonPeer
 from bench.payloads import ALL_PATHS
 from bench.peers import MLServerPeer, OrtPeer, OurServer, Peer, PeerOptions, PeerUnavailable
-from bench.runner import DEFAULT_CONCURRENCY, QUICK_CONCURRENCY, RunSettings, plan, run_cell
+from bench.runner import SWEEP_CONCURRENCY, RunSettings, plan, run_cell
 from bench.stats import Cell
-from bench.venv import REPO_ROOT, ensure_mlserver_venv, package_version
+from bench.venv import LITSERVE, MLSERVER, PYTRITON, REPO_ROOT, PeerVenv, ensure_venv, package_version
 
 log = logging.getLogger("bench")
 
-PEERS = ("ours", "mlserver", "mlserver-parallel", "ort")
-RUN_ORDER = ("ort", "mlserver", "mlserver-parallel", "ours")
+PEERS = ("ours", "mlserver", "mlserver-parallel", "pytriton", "litserve", "ort")
+RUN_ORDER = ("ort", "mlserver", "mlserver-parallel", "litserve", "pytriton", "ours")
 MODELS = ("tabular", "mlp", "cnn")
+# The models each peer serves: what the targets compare it on (every peer: tabular;
+# MLServer: the CNN; Triton's dynamic batcher: the MLP), keeping the run near 20 minutes.
+PEER_MODELS = {
+    "ours": MODELS,
+    "ort": MODELS,
+    "mlserver": ("tabular", "cnn"),
+    "mlserver-parallel": ("tabular", "cnn"),
+    "pytriton": ("tabular", "mlp"),
+    "litserve": ("tabular",),
+}
+VENVS: dict[str, PeerVenv] = {
+    "mlserver": MLSERVER,
+    "mlserver-parallel": MLSERVER,
+    "pytriton": PYTRITON,
+    "litserve": LITSERVE,
+}
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
@@ -59,7 +79,7 @@ def _ints(value: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s, 1 repetition, c=1 and 32")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s, 1 repetition")
     parser.add_argument("--duration", type=float, help="seconds per repetition (default 10; quick 3)")
     parser.add_argument(
         "--reps", type=int, help="repetitions per cell, medians reported (default 3; quick 1)"
@@ -73,7 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", type=_csv, default=list(MODELS), help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--paths", type=_csv, default=[], help=f"only these paths ({','.join(ALL_PATHS)})")
     parser.add_argument(
-        "--concurrency", type=_ints, help=f"comma list (default {','.join(map(str, DEFAULT_CONCURRENCY))})"
+        "--concurrency",
+        type=_ints,
+        help="sweep every path at these levels, e.g. "
+        f"{','.join(map(str, SWEEP_CONCURRENCY))} (default: the cells the targets need)",
+    )
+    parser.add_argument(
+        "--only",
+        type=_csv,
+        default=[],
+        metavar="MODEL:PATH[:C],...",
+        help="only these cells, e.g. tabular:v2-json:1,mlp:v2-binary (* matches any)",
     )
     parser.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
@@ -117,7 +147,8 @@ def run_settings(args: argparse.Namespace, results_dir: Path) -> RunSettings:
         duration_s=args.duration or (3.0 if args.quick else 10.0),
         reps=args.reps or (1 if args.quick else 3),
         warmup_s=args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0),
-        concurrency=args.concurrency or (QUICK_CONCURRENCY if args.quick else DEFAULT_CONCURRENCY),
+        concurrency=tuple(args.concurrency or ()),
+        only=tuple(args.only),
         batch=args.batch,
         timeout_s=args.timeout,
         py_client_max=args.py_clients_max,
@@ -168,7 +199,7 @@ def git_rev() -> str:
     return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def versions(mlserver_python: Path | None) -> dict[str, str]:
+def versions(pythons: dict[str, Path]) -> dict[str, str]:
     found = {
         "python": platform.python_version(),
         "model-server": f"{_version('model-server')} (git {git_rev()})",
@@ -178,9 +209,15 @@ def versions(mlserver_python: Path | None) -> dict[str, str]:
         "skl2onnx": _version("skl2onnx"),
         "wrk": loadgen.wrk_version(),
     }
-    if mlserver_python is not None:
-        found["mlserver"] = package_version(mlserver_python, "mlserver")
-        found["onnxruntime (MLServer venv)"] = package_version(mlserver_python, "onnxruntime")
+    for peer, package in (
+        ("mlserver", "mlserver"),
+        ("pytriton", "nvidia-pytriton"),
+        ("litserve", "litserve"),
+    ):
+        python = pythons.get(peer)
+        if python is not None:
+            found[package] = package_version(python, package)
+            found[f"onnxruntime ({peer} venv)"] = package_version(python, "onnxruntime")
     return found
 
 
@@ -230,21 +267,20 @@ class Run:
         self.cells: list[Cell] = []
         self.peers: dict[str, dict[str, Any]] = {}
         self.results: dict[str, Any] = {}
+        self.venv_errors: dict[str, str] = {}
 
     def execute(self) -> dict[str, Any]:
         args = self.args
         self.work_dir.mkdir(parents=True, exist_ok=True)
         model_files = build_models_cached(args.models, args.results_dir / "models")
-        mlserver_python: Path | None = None
-        if any(p.startswith("mlserver") for p in args.peers):
-            mlserver_python = ensure_mlserver_venv()
+        pythons = self.prepare_venvs()
         self.results = {
             "schema": 1,
             "meta": {
                 "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": "python -m bench.run " + shlex.join(sys.argv[1:]),
                 "machine": machine(),
-                "versions": versions(mlserver_python),
+                "versions": versions({VENVS[n].name: p for n, p in pythons.items()}),
                 "settings": self.settings_json(),
             },
             "models": {
@@ -259,10 +295,23 @@ class Run:
             "cells": [],
         }
         for name in [p for p in RUN_ORDER if p in args.peers]:
-            peer = self.make_peer(name, model_files, mlserver_python)
-            self.run_peer(peer, model_files)
+            files = {m: path for m, path in model_files.items() if m in PEER_MODELS[name]}
+            peer = self.make_peer(name, files, pythons.get(name))
+            self.run_peer(peer, files)
             self.save()
         return self.results
+
+    def prepare_venvs(self) -> dict[str, Path]:
+        """The interpreter of each peer with its own venv; a peer whose venv fails is left out
+        (its cells are reported "not available" with the reason)."""
+        pythons: dict[str, Path] = {}
+        for name in [p for p in self.args.peers if p in VENVS]:
+            try:
+                pythons[name] = ensure_venv(VENVS[name])
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                self.venv_errors[name] = f"cannot build {VENVS[name].venv.name}: {exc}"
+                log.warning("%s not available: %s", name, self.venv_errors[name])
+        return pythons
 
     def settings_json(self) -> dict[str, Any]:
         s = self.settings
@@ -279,22 +328,27 @@ class Run:
             "quick": s.quick,
             "models": self.args.models,
             "peers": self.args.peers,
+            "only": self.args.only,
         }
 
-    def make_peer(self, name: str, model_files: dict[str, Path], mlserver_python: Path | None) -> Peer:
+    def make_peer(self, name: str, model_files: dict[str, Path], python: Path | None) -> Peer:
         if name == "ort":
             return OrtPeer(self.work_dir, self.options)
         if name == "ours":
             repository = models.layout_repository(model_files, self.work_dir / "repository")
             return OurServer(self.work_dir, self.options, repository, list(model_files))
-        assert mlserver_python is not None
+        python = python or VENVS[name].venv / "bin" / "python"  # run_peer reports a failed venv
+        if name == "pytriton":
+            return PyTritonPeer(self.work_dir, self.options, model_files, python)
+        if name == "litserve":
+            return LitServePeer(self.work_dir, self.options, model_files, python)
         models_dir = models.layout_mlserver(model_files, self.work_dir / f"{name}-models")
         return MLServerPeer(
-            self.work_dir, self.options, models_dir, mlserver_python, parallel=name.endswith("parallel")
+            self.work_dir, self.options, models_dir, python, parallel=name.endswith("parallel")
         )
 
     def run_peer(self, peer: Peer, model_files: dict[str, Path]) -> None:
-        cells = plan(peer, self.args.models, self.settings)
+        cells = plan(peer, list(model_files), self.settings)
         info: dict[str, Any] = {"label": peer.label, "available": True, "note": "", "settings": {}}
         info["settings_short"] = _short_settings(peer, self.options)
         self.peers[peer.name] = info
@@ -310,6 +364,8 @@ class Run:
         sampler = MemorySampler(peer.pids).start()
         try:
             try:
+                if peer.name in self.venv_errors:
+                    raise PeerUnavailable(self.venv_errors[peer.name])
                 peer.start()
             except PeerUnavailable as exc:
                 info["available"] = False
@@ -359,6 +415,10 @@ def _short_settings(peer: Peer, options: PeerOptions) -> dict[str, Any]:
         return {"workers": options.workers, "frontends": options.frontends, "ort threads": 1}
     if isinstance(peer, MLServerPeer):
         return {"parallel_workers": peer.parallel_workers, "ort threads": 1, "metrics": "off"}
+    if isinstance(peer, PyTritonPeer):
+        return {"instances": options.workers, "ort threads": 1, "mlp_batched": "DynamicBatcher"}
+    if isinstance(peer, LitServePeer):
+        return {"api servers": 2, "workers": options.workers, "fast_queue": True, "ort threads": 1}
     return {"ort threads": 1}
 
 
@@ -367,9 +427,10 @@ def _log_cell(number: int, total: int, cell: Cell, seconds: float) -> None:
     where += f" c={cell.concurrency} b={cell.batch}"
     if cell.ok:
         log.info(
-            "%s: %s req/s, p50 %s ms, p99 %s ms, %d errors (%.0f s)",
+            "%s: %s req/s, p50 %s ms, p99 %s ms, %d errors, mean batch %s, frontend CPU %s µs/req (%.0f s)",
             where, report.fmt_num(cell.rps), report.fmt_num(cell.p50_ms), report.fmt_num(cell.p99_ms),
-            cell.errors, seconds,
+            cell.errors, report.fmt_optional(cell.mean_batch_rows), report.fmt_optional(cell.frontend_cpu_us),
+            seconds,
         )  # fmt: skip
     else:
         log.info("%s: %s", where, cell.error)

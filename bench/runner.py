@@ -3,7 +3,13 @@
 A cell is peer x model x path x concurrency x batch (x dynamic batching on/off). For
 each cell: check one request answers correctly (a fast error must not pass for
 throughput), warm up, then time ``reps`` repetitions of ``duration_s`` each. The
-report takes medians over the repetitions.
+report takes medians over the repetitions. Around the timed repetitions the runner
+also reads what the cell cost inside the server (:mod:`bench.serverstats`): the mean
+executed batch size and this server's frontend CPU per request.
+
+Which cells: by default the cells the issue's targets and per-path costs need
+(:data:`TARGET_PLAN`), so ``make bench`` with every peer stays near 20 minutes on 2
+cores; ``--concurrency`` asks for the old sweep, every path at every level given.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
@@ -31,14 +40,29 @@ from bench.payloads import (
     write_payload,
 )
 from bench.peers import HOST, OrtPeer, Peer, http_request
-from bench.stats import Cell, Rep
+from bench.serverstats import BatchCounters, cpu_seconds, cpu_us_per_request, mean_batch
+from bench.stats import SKIPPED, Cell, Rep
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = (1, 8, 32, 64)
-QUICK_CONCURRENCY = (1, 32)
-MLP_BATCHING_CONCURRENCY = 64  # the batching target's concurrency, always measured for the MLP
-ORT_MLP_BATCHES = (1, 8, 32, 64)
+SWEEP_CONCURRENCY = (1, 8, 32, 64)
+MLP_BATCHING_CONCURRENCY = 32  # the batching target's concurrency, always measured for the MLP
+ORT_MLP_BATCHES = (1, 32)  # the MLP is compute-bound: batch 32 does several times batch 1's rows/s
+# The default plan: model -> path -> concurrencies. Tabular: the c=1 latency and c=32
+# throughput targets on V2 JSON for every peer, and each other path at c=32 for its
+# frontend CPU per request (and gRPC against REST binary). MLP: 1-row binary requests at
+# c=32, batched and not. CNN: V2 JSON at c=8.
+TARGET_PLAN: dict[str, dict[str, tuple[int, ...]]] = {
+    "tabular": {
+        "v2-json": (1, 32),
+        "v2-binary": (32,),
+        "v1-records": (32,),
+        "v2-shm": (32,),
+        "grpc": (32,),
+    },
+    "mlp": {"v2-binary": (MLP_BATCHING_CONCURRENCY,)},
+    "cnn": {"v2-json": (8,)},
+}
 
 
 @dataclass
@@ -46,7 +70,7 @@ class RunSettings:
     duration_s: float = 10.0
     reps: int = 3
     warmup_s: float = 2.0
-    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
+    concurrency: tuple[int, ...] = ()  # empty: TARGET_PLAN; else a sweep over these levels
     batch: int = 1
     timeout_s: float = 30.0  # wrk --timeout and the Python client's socket timeout
     py_client_max: int = 8  # most Python client processes for the py-* paths
@@ -55,17 +79,57 @@ class RunSettings:
     profile_cell: tuple[str, str, int] = ("tabular", "v2-json", 32)
     quick: bool = False
     results_dir: Path = field(default_factory=lambda: Path("bench/results"))
+    only: tuple[str, ...] = ()  # "model:path[:c]" patterns; empty: every planned cell
+
+
+def selected(settings: RunSettings, model: str, path: str, concurrency: int) -> bool:
+    """Whether ``--only`` keeps this cell (``model:path`` or ``model:path:c``; ``*`` matches any)."""
+    if not settings.only:
+        return True
+    for pattern in settings.only:
+        parts = pattern.split(":")
+        want = (model, path, str(concurrency))[: len(parts)]
+        if all(p in ("*", w) for p, w in zip(parts, want, strict=True)):
+            return True
+    return False
 
 
 def concurrencies(settings: RunSettings, model: str, path: str) -> list[int]:
+    if not settings.concurrency:
+        return list(TARGET_PLAN.get(model, {}).get(path, ()))
     levels = set(settings.concurrency)
     if model == "mlp" and path in WRK_PATHS:
         levels.add(MLP_BATCHING_CONCURRENCY)
-    if path in PY_PATHS:
+    if path in ("py-binary", "py-shm"):
         levels = {min(level, settings.py_client_max) for level in levels}
     if path == ORT_PATH:
         levels = {1}
     return sorted(levels)
+
+
+def _ort_cells(peer: Peer, model: str, settings: RunSettings) -> list[Cell]:
+    if not selected(settings, model, ORT_PATH, 1):
+        return []
+    batches = ORT_MLP_BATCHES if model == "mlp" else (settings.batch,)
+    return [
+        Cell(peer.name, model, ORT_PATH, 1, batch, client="in-process loop, 1 thread")
+        for batch in sorted({settings.batch, *batches})
+    ]
+
+
+def _server_cells(peer: Peer, model: str, path: str, settings: RunSettings) -> list[Cell]:
+    batching_variants = model == "mlp" and peer.supports_batching() and path in WRK_PATHS
+    cells: list[Cell] = []
+    for batching in [False, True] if batching_variants else [False]:
+        for level in concurrencies(settings, model, path):
+            if selected(settings, model, path, level):
+                served_as = peer.model_id(model, batching)
+                cells.append(
+                    Cell(
+                        peer.name, model, path, level, settings.batch, batching=batching, served_as=served_as
+                    )
+                )
+    return cells
 
 
 def plan(peer: Peer, models: list[str], settings: RunSettings) -> list[Cell]:
@@ -79,29 +143,43 @@ def plan(peer: Peer, models: list[str], settings: RunSettings) -> list[Cell]:
             if not supports(spec, path):
                 continue
             if path == ORT_PATH:
-                batches = ORT_MLP_BATCHES if model == "mlp" else (settings.batch,)
-                for batch in sorted({settings.batch, *batches}):
-                    cells.append(Cell(peer.name, model, path, 1, batch, client="in-process loop, 1 thread"))
-                continue
-            variants = (
-                [False, True]
-                if model == "mlp" and peer.supports_batching() and path in WRK_PATHS
-                else [False]
-            )
-            for batching in variants:
-                for level in concurrencies(settings, model, path):
-                    cells.append(
-                        Cell(
-                            peer.name,
-                            model,
-                            path,
-                            level,
-                            settings.batch,
-                            batching=batching,
-                            served_as=peer.model_id(model, batching),
-                        )
-                    )
+                cells += _ort_cells(peer, model, settings)
+            else:
+                cells += _server_cells(peer, model, path, settings)
     return cells
+
+
+class ServerSide:
+    """Around the timed repetitions: frontend CPU and batch counters before and after."""
+
+    def __init__(self, peer: Peer, cell: Cell) -> None:
+        self.peer = peer
+        self.cell = cell
+        self.cpu: dict[int, float] = {}
+        self.batches: BatchCounters | None = None
+
+    def _counters(self) -> BatchCounters | None:
+        try:
+            return self.peer.batch_counters(self.cell.served_as or self.cell.model)
+        except (OSError, ValueError) as exc:
+            log.debug("%s: no batch counters: %s", self.peer.name, exc)
+            return None
+
+    # The /metrics reads sit outside the CPU window: their own frontend CPU is not the cell's.
+    def __enter__(self) -> ServerSide:
+        self.batches = self._counters()
+        self.cpu = cpu_seconds(self.peer.frontend_pids())
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            return
+        requests = sum(rep.requests for rep in self.cell.reps)
+        after = cpu_seconds(self.cpu)
+        self.cell.frontend_cpu_us = cpu_us_per_request(self.cpu, after, requests)
+        self.cell.mean_batch_rows = mean_batch(self.batches, self._counters())
 
 
 def run_cell(peer: Peer, cell: Cell, settings: RunSettings, model_files: dict[str, Path]) -> None:
@@ -195,14 +273,44 @@ def _measure_wrk_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
             loadgen.run_wrk(peer.url, payload, cell.concurrency, settings.duration_s, settings.timeout_s)
         finally:
             _finish_profile(profiling)
-    for _ in range(settings.reps):
-        cell.reps.append(
-            loadgen.run_wrk(peer.url, payload, cell.concurrency, settings.duration_s, settings.timeout_s)
-        )
+    with ServerSide(peer, cell):
+        for _ in range(settings.reps):
+            cell.reps.append(
+                loadgen.run_wrk(peer.url, payload, cell.concurrency, settings.duration_s, settings.timeout_s)
+            )
+
+
+def grpc_unreachable(peer: Peer, wait_s: float = 5.0) -> str | None:
+    """Why ``peer``'s gRPC port cannot be used, or None once something listens on it (the gRPC
+    listener may come up a moment after HTTP readiness: retried for ``wait_s``)."""
+    if not peer.grpc_port:
+        return f"{peer.name} has no gRPC endpoint"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((HOST, peer.grpc_port), timeout=2.0):
+                return None
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                return (
+                    f"nothing listens on {peer.name}'s gRPC port {peer.grpc_port} ({exc.strerror or exc}); "
+                    "this build of the server has no gRPC frontend (MODEL_SERVER_GRPC_PORT)"
+                )
+        time.sleep(0.5)
 
 
 def _run_py_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
-    cell.client = pyclient.CLIENT_LABEL.format(k=cell.concurrency)
+    processes, threads = cell.concurrency, 1
+    if cell.path == "grpc":
+        reason = grpc_unreachable(peer)
+        if reason is not None:
+            cell.error = SKIPPED + reason
+            log.info("%s %s grpc c=%d %s", cell.peer, cell.model, cell.concurrency, cell.error)
+            return
+        processes, threads = pyclient.grpc_layout(cell.concurrency, settings.py_client_max)
+        cell.client = pyclient.GRPC_CLIENT_LABEL.format(p=processes, t=threads)
+    else:
+        cell.client = pyclient.CLIENT_LABEL.format(k=cell.concurrency)
     job = pyclient.ClientJob(
         host=HOST,
         port=peer.port,
@@ -213,9 +321,12 @@ def _run_py_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
         duration_s=settings.duration_s,
         warmup_s=settings.warmup_s,
         timeout_s=settings.timeout_s,
+        grpc_port=peer.grpc_port,
+        threads=threads,
     )
-    for _ in range(settings.reps):
-        cell.reps.append(pyclient.run_clients(job, cell.concurrency))
+    with ServerSide(peer, cell):
+        for _ in range(settings.reps):
+            cell.reps.append(pyclient.run_clients(job, processes))
 
 
 # --- py-spy --------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class Rep:
         return cls(**fields)
 
 
+SKIPPED = "skipped: "
+
+
 @dataclass
 class Cell:
     """One measured configuration: peer x model x path x concurrency x batch."""
@@ -50,8 +53,14 @@ class Cell:
     served_as: str = ""  # model id on the server
     client: str = ""  # the load generator, e.g. "wrk 4.1.0, 2 threads"
     reps: list[Rep] = field(default_factory=list)
-    error: str | None = None  # why the cell has no numbers
+    error: str | None = None  # why the cell has no numbers ("skipped: ..." when not applicable)
     busy_elsewhere_pct: float = 0.0  # CPU other processes used during the cell (% of all cores)
+    mean_batch_rows: float | None = None  # rows per model execution over the timed repetitions
+    frontend_cpu_us: float | None = None  # frontend processes' CPU per completed request, µs
+
+    @property
+    def skipped(self) -> bool:
+        return self.error is not None and self.error.startswith(SKIPPED)
 
     @property
     def key(self) -> tuple[str, str, str, int, int, bool]:

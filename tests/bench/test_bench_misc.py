@@ -3,11 +3,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from bench.interference import CpuAccount
 from bench.memory import sample
 from bench.report import fmt_busy, fmt_num, fmt_ratio
 from bench.stats import Cell
-from bench.venv import STAMP, is_current, requirements_hash
+from bench.venv import (
+    LITSERVE,
+    MLSERVER,
+    PYTRITON,
+    STAMP,
+    VenvUnavailable,
+    is_current,
+    requirements_hash,
+    system_python311,
+)
 
 
 def test_venv_stamp(tmp_path: Path) -> None:
@@ -35,3 +46,21 @@ def test_own_process_accounting() -> None:
     rss, _, count = sample([os.getpid()], with_pss=False)
     assert rss > 0 and count >= 1
     assert CpuAccount(lambda: []).foreign_pct() >= 0.0
+
+
+def test_peer_venvs(tmp_path: Path) -> None:
+    fake = tmp_path / "python3.11"
+    fake.write_text("")
+    assert system_python311((str(tmp_path / "missing"), str(fake))) == str(fake)
+    with pytest.raises(VenvUnavailable, match=r"libpython3\.11"):
+        system_python311((str(tmp_path / "missing"),))
+    # PyTriton's backend stub loads the system libpython3.11: only its venv comes from that python.
+    assert PYTRITON.system_python and not LITSERVE.system_python and not MLSERVER.system_python
+    reqs = tmp_path / "req.txt"
+    reqs.write_text("litserve==0.2.19\n")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / STAMP).write_text(requirements_hash(reqs) + "\n")
+    assert not is_current(venv, reqs, "python")  # the marker file is missing
+    (venv / "bin" / "python").write_text("")
+    assert is_current(venv, reqs, "python") and not is_current(venv, reqs, "mlserver")

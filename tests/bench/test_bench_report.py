@@ -13,10 +13,10 @@ from bench.report import (
     index,
     render_markdown,
     replace_section,
-    vs_mlserver,
+    vs_best_peer,
     vs_ort,
 )
-from bench.stats import Cell, Rep
+from bench.stats import SKIPPED, Cell, Rep
 
 
 def cell(peer: str, model: str, path: str, c: int, rps: float, p50: float = 1.0, **kw: Any) -> Cell:
@@ -27,34 +27,37 @@ def cell(peer: str, model: str, path: str, c: int, rps: float, p50: float = 1.0,
 
 def sample_cells() -> list[Cell]:
     return [
-        cell("ours", "tabular", "v2-json", 32, 4000),
+        cell("ours", "tabular", "v2-json", 32, 4000, frontend_cpu_us=280.0, mean_batch_rows=1.0),
         cell("ours", "tabular", "v2-binary", 32, 5000),
         cell("ours", "tabular", "v2-json", 1, 2000, p50=0.4),
+        cell("mlserver", "tabular", "v2-json", 1, 1500, p50=0.5),
+        cell("pytriton", "tabular", "v2-json", 1, 500, p50=1.9),
         cell("mlserver", "tabular", "v2-json", 32, 2100),
         cell("mlserver-parallel", "tabular", "v2-json", 32, 800),
+        cell("pytriton", "tabular", "v2-json", 32, 2800),
+        cell("litserve", "tabular", "v2-json", 32, 1200),
+        cell("pytriton", "tabular", "v2-binary", 32, 2600),
         cell("ort", "tabular", "in-process", 1, 100000),
-        cell("ours", "cnn", "v2-json", 32, 100),
-        cell("ours", "cnn", "v2-binary", 32, 900),
-        cell("ours", "cnn", "py-shm", 1, 500),
-        cell("ours", "cnn", "py-shm", 8, 1300),
-        cell("mlserver", "cnn", "v2-json", 32, 85),
-        cell("mlserver-parallel", "cnn", "v2-json", 32, 60),
+        cell("ours", "cnn", "v2-json", 8, 100),
+        cell("mlserver", "cnn", "v2-json", 8, 85),
         cell("ort", "cnn", "in-process", 1, 2300),
-        cell("ours", "mlp", "v2-json", 64, 1000),
-        cell("ours", "mlp", "v2-json", 64, 6000, batching=True),
+        cell("ours", "mlp", "v2-binary", 32, 130, mean_batch_rows=1.0),
+        cell("ours", "mlp", "v2-binary", 32, 700, batching=True, mean_batch_rows=9.5),
+        cell("pytriton", "mlp", "v2-binary", 32, 530, batching=True, mean_batch_rows=22.3),
     ]
 
 
 def test_ratios() -> None:
     idx = index(sample_cells())
     ours = idx[("ours", "tabular", "v2-json", 32, 1, False)]
-    assert vs_mlserver(idx, ours, "mlserver") == pytest.approx(4000 / 2100)
-    assert vs_mlserver(idx, ours, "mlserver-parallel") == pytest.approx(5.0)
-    assert vs_ort(idx, ours) == pytest.approx(0.04)
+    assert vs_best_peer(idx, ours) == pytest.approx(4000 / 2800)  # PyTriton is the best peer on JSON
     binary = idx[("ours", "tabular", "v2-binary", 32, 1, False)]
-    assert vs_mlserver(idx, binary, "mlserver-parallel") == pytest.approx(6.25)  # over MLServer's JSON
-    assert vs_mlserver(idx, idx[("mlserver", "tabular", "v2-json", 32, 1, False)], "mlserver") is None
-    assert vs_mlserver(idx, idx[("ours", "tabular", "v2-json", 1, 1, False)], "mlserver") is None
+    assert vs_best_peer(idx, binary) == pytest.approx(5000 / 2600)  # same path only
+    batched = idx[("ours", "mlp", "v2-binary", 32, 1, True)]
+    assert vs_best_peer(idx, batched) == pytest.approx(700 / 530)  # against Triton's batcher
+    assert vs_best_peer(idx, idx[("pytriton", "tabular", "v2-json", 32, 1, False)]) is None
+    assert vs_best_peer(idx, idx[("ours", "cnn", "v2-json", 8, 1, False)]) == pytest.approx(100 / 85)
+    assert vs_ort(idx, ours) == pytest.approx(0.04)
 
 
 def test_verdict_arithmetic() -> None:
@@ -66,22 +69,28 @@ def test_verdict_arithmetic() -> None:
 
 
 def test_targets() -> None:
-    statuses = [v.status for v in evaluate_targets(sample_cells())]
-    # tabular: 4000 >= 2 x 800; 4000 > 2100; p50 0.4 <= 0.5
-    assert statuses[0:3] == ["met", "met", "met"]
-    # CNN JSON 100 < 2 x 85 (missed by 41%); binary 900 >= 10 x max(85, 60); shm best 1300 >= 1150
-    assert statuses[3] == "missed by 41%"
-    assert statuses[4] == "met"
-    # shared memory: no wrk-driven (v2-shm) cell in the sample; the Python client's one meets it
-    assert statuses[5] == "not measured"
-    assert statuses[6] == "met"
-    # MLP: 6000 >= 5 x 1000 on JSON; binary not measured
-    assert statuses[7:] == ["met", "not measured"]
-
-
-def test_cnn_binary_uses_better_mlserver_mode() -> None:
     verdicts = evaluate_targets(sample_cells())
-    assert "850" in verdicts[4].measured  # 10 x max(85, 60)
+    statuses = [v.status for v in verdicts]
+    # tabular: p50 0.4 below MLServer's 0.5 (the best peer); 4000 < 1.5 x 2800; CPU 280 <= 300 µs
+    assert statuses[0] == "met" and "mlserver" in verdicts[0].target
+    assert statuses[1] == "missed by 5%" and "pytriton" in verdicts[1].target
+    assert statuses[2] == "met"
+    # MLP: 700 >= 5 x 130; mean batch 9.5 < 12 (missed by 21%); 700 < 1.5 x 530 (missed by 12%)
+    assert statuses[3:6] == ["met", "missed by 21%", "missed by 12%"]
+    # CNN: 100 < 2 x 85
+    assert statuses[6] == "missed by 41%"
+
+
+def test_targets_not_measured_without_cells() -> None:
+    assert {v.status for v in evaluate_targets([])} == {"not measured"}
+
+
+def test_equal_p50_is_not_below() -> None:
+    cells = [
+        cell("ours", "tabular", "v2-json", 1, 10, p50=0.5),
+        cell("litserve", "tabular", "v2-json", 1, 10, p50=0.5),
+    ]
+    assert evaluate_targets(cells)[0].status.startswith("missed")
 
 
 def test_replace_section() -> None:
@@ -105,12 +114,16 @@ def test_render_markdown_smoke() -> None:
             "ours": {"label": "this server", "available": False, "note": "exited with code 1\nlog"},
             "mlserver": {"label": "MLServer", "memory": {"rss_bytes": 300 * 2**20, "processes": 1}},
         },
-        "cells": [c.to_json() for c in sample_cells()],
+        "cells": [c.to_json() for c in sample_cells()]
+        + [Cell("ours", "tabular", "grpc", 32, error=SKIPPED + "no gRPC frontend").to_json()],
     }
     text = render_markdown(results)
     assert text.startswith(MD_START) and text.rstrip().endswith(MD_END)
     assert "`ours` not available: exited with code 1" in text
-    assert "| v2-json (wrk) | 32 | ours | 4,000 |" in text
-    assert "1.90x" in text and "5.00x" in text  # ÷ MLServer, ÷ MLServer ∥2
+    assert "| v2-json (wrk) | 32 | ours | 4,000 | 4,000 | 1.00 | 3.00 | 0 | 1.00 | 280 | 1.43x |" in text
+    assert (
+        "| v2-binary (wrk) +batching | 32 | pytriton | 530 | 530 | 1.00 | 3.00 | 0 | 22.3 | — | — |" in text
+    )
+    assert "| grpc (tritonclient.grpc) | 32 | ours | skipped: no gRPC frontend |" in text
     assert "300 MiB" in text
     assert "### Targets" in text
