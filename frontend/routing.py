@@ -6,8 +6,9 @@ flight), so the policy is unit-tested without sockets.
 Least-busy routing spreads a burst evenly, which is right for an unbatched model
 but cuts a batched model's burst into as many small batches as there are
 workers. For a model that merges up to ``max_batch_size`` rows, requests go to
-the busiest worker that still has less than a batch's worth in flight, so one
-worker receives the burst whole; only past that do they spill to the next.
+the busiest worker that still has less than a batch's worth in flight
+(``MODEL_SERVER_BATCH_ROUTING_FILL`` batches), so one worker receives the burst
+whole; only past that do they spill to the next.
 Ties go to the lowest index, so several frontend processes pick the same
 worker for a burst instead of splitting it between them.
 """
@@ -24,8 +25,9 @@ def batch_fill(entry: ModelEntry) -> int:
     """Requests to put on one worker before spreading (0: the model is not batched)."""
     if entry.schema is None or not entry.schema.batched:
         return 0
-    size = entry.config.batching.max_batch_size or get_settings().max_batch_size
-    return size if size > 1 else 0
+    settings = get_settings()
+    size = entry.config.batching.max_batch_size or settings.max_batch_size
+    return int(size * settings.batch_routing_fill) if size > 1 else 0
 
 
 def order_workers(

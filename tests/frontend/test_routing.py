@@ -86,3 +86,15 @@ def test_batch_fill_from_the_model_config_and_schema() -> None:
 def test_batch_fill_falls_back_to_the_server_default(default_batch_size: None) -> None:
     assert batch_fill(_entry()) == 32
     assert batch_fill(_entry(max_batch_size=8)) == 8
+
+
+def test_batch_fill_scales_with_the_setting_and_zero_means_least_busy(
+    monkeypatch: pytest.MonkeyPatch, default_batch_size: None
+) -> None:
+    monkeypatch.setenv("MODEL_SERVER_BATCH_ROUTING_FILL", "0.5")
+    get_settings.cache_clear()
+    assert batch_fill(_entry()) == 16
+    monkeypatch.setenv("MODEL_SERVER_BATCH_ROUTING_FILL", "0")
+    get_settings.cache_clear()
+    assert batch_fill(_entry()) == 0
+    assert _burst([0, 1], 32, fill=batch_fill(_entry())) == {0: 16, 1: 16}
