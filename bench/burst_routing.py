@@ -10,8 +10,9 @@ executed batch::
 
     .venv/bin/python -m bench.burst_routing --concurrency 32 --duration 15
 
-``PYTHONPATH`` pointing at another checkout measures that code with the same
-script (how the numbers before a change are taken).
+``MODEL_SERVER_BATCH_ROUTING_FILL=0`` in the environment measures least-busy
+routing of the batched model; ``PYTHONPATH`` pointing at another checkout
+measures that code with the same script (how the numbers before a change are taken).
 """
 
 from __future__ import annotations
