@@ -362,6 +362,8 @@ class Dispatcher:
     # --- routing ------------------------------------------------------------------------
     def candidates(self, entry: ModelEntry) -> list[int]:
         """Workers holding the model in the order to try them (``frontend.routing``)."""
+        if len(entry.workers) <= 1:
+            return list(entry.workers)
         per_worker = self.per_worker
         return order_workers(
             entry.workers,
