@@ -173,7 +173,6 @@ class CoordinatorCore:
         self.failed: OrderedDict[Key, float] = OrderedDict()  # failed entries that expire, oldest first
         self._tokens = 0
         self.epoch = 0
-        self.draining = False
         self.load_failures = 0
         self.evictions = 0
         self._dirty = True
@@ -199,8 +198,6 @@ class CoordinatorCore:
 
     def readiness(self) -> tuple[bool, list[str]]:
         reasons: list[str] = []
-        if self.draining:
-            reasons.append("server is draining")
         if not self.alive_workers():
             reasons.append("no worker is alive")
         for key, entry in sorted(self.models.items()):
@@ -215,7 +212,8 @@ class CoordinatorCore:
             epoch=self.epoch,
             ready=ready,
             reasons=reasons,
-            draining=self.draining,
+            # Frontends drain themselves and the coordinator stops last: it never drains.
+            draining=False,
             models=[self.entry_out(e) for _, e in sorted(self.models.items())],
             workers=[
                 WorkerState(
@@ -356,44 +354,11 @@ class CoordinatorCore:
     ) -> None:
         """Start (or join) a load; ``waiter`` gets the answer when it ends."""
         key = (model_id, version)
-        if registry_uri:
-            # The source policy and the no-credentials rule, before the URI is stored anywhere.
-            try:
-                loader_policy.admit(registry_uri, self.settings)
-            except LoadError as exc:
-                log.warning(
-                    "load of %s:%s from %s refused (%d): %s",
-                    model_id,
-                    version,
-                    strip_credentials(registry_uri),
-                    exc.status,
-                    exc.message,
-                )
-                if waiter:
-                    self._reply(waiter[0], ClientReply(waiter[1], exc.status, exc.message, exc.code))
-                return
+        if registry_uri and not self._source_admitted(key, registry_uri, waiter):
+            return
         entry = self.models.get(key)
-        if entry is not None:
-            if entry.state == "unloading":
-                if waiter:
-                    self._reply(
-                        waiter[0],
-                        ClientReply(
-                            waiter[1], 409, f"model {model_id}:{version} is being unloaded", "conflict"
-                        ),
-                    )
-                return
-            if entry.state == "ready":
-                if config.startup and not entry.config.startup:
-                    entry.config.startup = True
-                    self._changed()
-                if waiter:
-                    self._reply(waiter[0], ClientReply(waiter[1], 200, entry=self.entry_out(entry)))
-                return
-            if key in self.loads:  # downloading or loading: share it
-                if waiter:
-                    self.loads[key].waiters.append(waiter)
-                return
+        if entry is not None and self._settled_by_existing(entry, config, waiter):
+            return
         # New load, or a retry of a failed one.
         if self.active_models() >= self.settings.max_models:
             message = (
@@ -401,13 +366,63 @@ class CoordinatorCore:
                 "(MODEL_SERVER_MAX_MODELS): unload one first"
             )
             log.warning("load of %s:%s refused: %s", model_id, version, message)
-            if waiter:
-                self._reply(waiter[0], ClientReply(waiter[1], 409, message, "too_many_models"))
+            self._answer(waiter, ClientReply(0, 409, message, "too_many_models"))
             return
+        self._start_load(key, registry_uri, config, waiter)
+
+    def _answer(self, waiter: tuple[bytes, int] | None, reply: ClientReply) -> None:
+        """Send ``reply`` (its ``req`` replaced by the waiter's) when someone waits for it."""
+        if waiter:
+            reply.req = waiter[1]
+            self._reply(waiter[0], reply)
+
+    def _source_admitted(self, key: Key, registry_uri: str, waiter: tuple[bytes, int] | None) -> bool:
+        """The source policy and the no-credentials rule, before the URI is stored anywhere."""
+        try:
+            loader_policy.admit(registry_uri, self.settings)
+        except LoadError as exc:
+            log.warning(
+                "load of %s:%s from %s refused (%d): %s",
+                key[0],
+                key[1],
+                strip_credentials(registry_uri),
+                exc.status,
+                exc.message,
+            )
+            self._answer(waiter, ClientReply(0, exc.status, exc.message, exc.code))
+            return False
+        return True
+
+    def _settled_by_existing(
+        self, entry: ModelEntry, config: ModelConfig, waiter: tuple[bytes, int] | None
+    ) -> bool:
+        """A load of a model in the table: refused while it unloads, answered when it is ready,
+        joined while it loads. False: it failed before, so it loads again."""
+        key = (entry.model_id, entry.version)
+        if entry.state == "unloading":
+            message = f"model {key[0]}:{key[1]} is being unloaded"
+            self._answer(waiter, ClientReply(0, 409, message, "conflict"))
+            return True
+        if entry.state == "ready":
+            if config.startup and not entry.config.startup:
+                entry.config.startup = True
+                self._changed()
+            self._answer(waiter, ClientReply(0, 200, entry=self.entry_out(entry)))
+            return True
+        job = self.loads.get(key)
+        if job is None:
+            return False
+        if waiter:  # downloading or loading: share it
+            job.waiters.append(waiter)
+        return True
+
+    def _start_load(
+        self, key: Key, registry_uri: str | None, config: ModelConfig, waiter: tuple[bytes, int] | None
+    ) -> None:
         self.failed.pop(key, None)
         self.models[key] = ModelEntry(
-            model_id=model_id,
-            version=version,
+            model_id=key[0],
+            version=key[1],
             state="loading",
             registry_uri=registry_uri or "",
             config=config,
@@ -420,12 +435,9 @@ class CoordinatorCore:
         self.loads[key] = job
         self.fetches.append(Fetch(key, registry_uri, self._tokens, source))
         self._changed()
-        log.info("loading %s:%s from %s", model_id, version, registry_uri or "the default source")
+        log.info("loading %s:%s from %s", key[0], key[1], registry_uri or "the default source")
 
     def _client_load(self, peer: bytes, msg: ClientLoad) -> None:
-        if self.draining:
-            self._reply(peer, ClientReply(msg.req, 503, "server is draining", "unavailable"))
-            return
         self.request_load(msg.model_id, msg.version, msg.registry_uri, msg.config, (peer, msg.req))
 
     def _client_unload(self, peer: bytes, msg: ClientUnload) -> None:
@@ -709,6 +721,23 @@ class CoordinatorCore:
     def _on_loaded(self, msg: ModelLoaded) -> None:
         key = (msg.model_id, msg.version)
         worker = self.workers.get(msg.index)
+        self._forget_evicted(msg, worker)
+        entry = self.models.get(key)
+        if entry is None or entry.state == "unloading":
+            # Loaded after the model was unloaded (or while it unloads): drop it again.
+            if msg.ok:
+                self._send_worker(msg.index, UnloadModel(key[0], key[1]))
+        else:
+            job = self.loads.get(key)
+            if job is not None:
+                job.asked.discard(msg.index)
+            if msg.ok:
+                self._loaded_on(entry, msg, worker, job)
+            elif job is not None:
+                self._load_failed_on(entry, msg, job)
+        self._changed()
+
+    def _forget_evicted(self, msg: ModelLoaded, worker: WorkerRecord | None) -> None:
         for evicted in msg.evicted:
             ekey = (evicted[0], evicted[1])
             self.evictions += 1
@@ -718,46 +747,49 @@ class CoordinatorCore:
             if other is not None and msg.index in other.workers:
                 other.workers.remove(msg.index)
             log.info("worker %d evicted %s:%s (LRU)", msg.index, ekey[0], ekey[1])
-        entry = self.models.get(key)
-        if entry is None or entry.state == "unloading":
-            if msg.ok:
-                self._send_worker(msg.index, UnloadModel(key[0], key[1]))
-            self._changed()
+
+    def _loaded_on(
+        self, entry: ModelEntry, msg: ModelLoaded, worker: WorkerRecord | None, job: LoadJob | None
+    ) -> None:
+        """One worker holds the model now: the first makes it ready and answers the waiters."""
+        key = (entry.model_id, entry.version)
+        if worker is not None:
+            worker.models.add(key)
+        if msg.index not in entry.workers:
+            entry.workers.append(msg.index)
+        entry.memory_bytes = max(entry.memory_bytes, msg.memory_bytes)
+        entry.warmup_ms = entry.warmup_ms or round(msg.warmup_ms, 2)
+        if entry.state != "ready":
+            self._mark_ready(entry, job, msg.index)
+        if job is None:
             return
-        job = self.loads.get(key)
+        for peer, req in job.waiters:
+            self._reply(peer, ClientReply(req, 200, entry=self.entry_out(entry)))
+        job.waiters.clear()
+        if not job.asked:
+            del self.loads[key]
+
+    def _mark_ready(self, entry: ModelEntry, job: LoadJob | None, index: int) -> None:
+        entry.state = "ready"
+        entry.reason = ""
+        entry.error_status = 0
+        entry.loaded_at = time.time()
         if job is not None:
-            job.asked.discard(msg.index)
-        if msg.ok:
-            if worker is not None:
-                worker.models.add(key)
-            if msg.index not in entry.workers:
-                entry.workers.append(msg.index)
-            entry.memory_bytes = max(entry.memory_bytes, msg.memory_bytes)
-            entry.warmup_ms = entry.warmup_ms or round(msg.warmup_ms, 2)
-            if entry.state != "ready":
-                entry.state = "ready"
-                entry.reason = ""
-                entry.error_status = 0
-                entry.loaded_at = time.time()
-                if job is not None:
-                    entry.load_ms = round((self.clock() - job.started) * 1000, 1)
-                    metrics.LOAD_DURATION.labels(entry.model_id).observe(entry.load_ms / 1000)
-                log.info("model %s:%s ready on worker %d", key[0], key[1], msg.index)
-            if job is not None:
-                for peer, req in job.waiters:
-                    self._reply(peer, ClientReply(req, 200, entry=self.entry_out(entry)))
-                job.waiters.clear()
-                if not job.asked:
-                    del self.loads[key]
-        elif job is not None:
-            job.failures[msg.index] = (msg.error, msg.error_status or 500)
-            log.warning("worker %d could not load %s:%s: %s", msg.index, key[0], key[1], msg.error)
-            if not job.asked:
-                del self.loads[key]
-                if entry.state != "ready" or not self.entry_out(entry).workers:
-                    error, status = next(iter(job.failures.values()))
-                    self._fail(entry, job, status, error)
-        self._changed()
+            entry.load_ms = round((self.clock() - job.started) * 1000, 1)
+            metrics.LOAD_DURATION.labels(entry.model_id).observe(entry.load_ms / 1000)
+        log.info("model %s:%s ready on worker %d", entry.model_id, entry.version, index)
+
+    def _load_failed_on(self, entry: ModelEntry, msg: ModelLoaded, job: LoadJob) -> None:
+        """One worker could not load it; when none is left to answer and none holds it, it failed."""
+        key = (entry.model_id, entry.version)
+        job.failures[msg.index] = (msg.error, msg.error_status or 500)
+        log.warning("worker %d could not load %s:%s: %s", msg.index, key[0], key[1], msg.error)
+        if job.asked:
+            return
+        del self.loads[key]
+        if entry.state != "ready" or not self.entry_out(entry).workers:
+            error, status = next(iter(job.failures.values()))
+            self._fail(entry, job, status, error)
 
     def _on_unloaded(self, msg: ModelUnloaded) -> None:
         key = (msg.model_id, msg.version)
@@ -869,10 +901,6 @@ class CoordinatorCore:
             job = self.loads[key] = LoadJob(started=self.clock(), fetching=False)
             job.asked.add(alive[0].index)
             self._send_worker(alive[0].index, self._load_message(entry))
-
-    def start_drain(self) -> None:
-        self.draining = True
-        self._changed()
 
     def desired_models(self) -> list[dict[str, Any]]:
         """What a restarted coordinator should load again (persisted by the shell)."""

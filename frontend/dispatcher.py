@@ -50,6 +50,7 @@ from ipc.messages import (
 
 from .coordinator_client import Table
 from .errors import ApiError
+from .routing import batch_fill, order_workers
 
 log = logging.getLogger(__name__)
 
@@ -354,18 +355,17 @@ class Dispatcher:
 
     # --- routing ------------------------------------------------------------------------
     def candidates(self, entry: ModelEntry) -> list[int]:
-        """Workers holding the model, least busy (in this process's view) first."""
-        workers = entry.workers
-        if len(workers) <= 1:
-            return list(workers)
-        start = next(self._rr)
-        # Connected first (the monitor saw a disconnect: likely dead), then fewest in flight,
-        # then rotating, so equal workers share the load.
-        order = {
-            w: (not self.connected.get(w, True), len(self.per_worker.get(w, ())), (i - start) % len(workers))
-            for i, w in enumerate(workers)
-        }
-        return sorted(workers, key=order.__getitem__)
+        """Workers holding the model in the order to try them (``frontend.routing``)."""
+        if len(entry.workers) <= 1:
+            return list(entry.workers)
+        per_worker = self.per_worker
+        return order_workers(
+            entry.workers,
+            lambda w: self.connected.get(w, True),
+            lambda w: len(per_worker.get(w, ())),
+            next(self._rr),
+            batch_fill(entry),
+        )
 
     # --- the request path ----------------------------------------------------------
     async def infer(

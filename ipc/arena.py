@@ -39,9 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-import numpy as np
-import numpy.typing as npt
-
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -136,16 +133,6 @@ class Segment:
                 f"range [{offset}, {offset + nbytes}) is outside region {self.name!r} of {self.size} bytes"
             )
         return self.buf[offset : offset + nbytes]
-
-    def array(
-        self, offset: int, dtype: np.dtype[np.generic], shape: tuple[int, ...] | list[int]
-    ) -> npt.NDArray[np.generic]:
-        """A numpy view over the segment (no copy)."""
-        count = 1
-        for dim in shape:
-            count *= dim
-        self.view(offset, count * dtype.itemsize)  # bounds check
-        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset).reshape(shape)
 
     def close(self) -> None:
         try:
@@ -244,11 +231,6 @@ class Arena:
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.segment.view(offset, nbytes)
-
-    def array(
-        self, offset: int, dtype: np.dtype[np.generic], shape: tuple[int, ...] | list[int]
-    ) -> npt.NDArray[np.generic]:
-        return self.segment.array(offset, dtype, shape)
 
     def close(self) -> None:
         self.segment.close()

@@ -376,33 +376,52 @@ class ArtifactCache:
                 doomed = []
         self._delete(doomed)
         flight.meter.subscribe(progress)
-        if not leader:
-            log.info("joining the download of %s in progress", flight.meter.label)
-            flight.done.wait()
-            with self._lock:
-                if flight.error is not None:
-                    raise flight.error.copy()
-                entry = flight.entry
-                if entry is not None and self._entries.get(entry.digest) is entry:
-                    self._pin_locked(entry.digest)
-                    return entry.artifact(source_uri, downloaded=False)
-            if entry is None:
-                raise LoadError(f"the download of {flight.meter.label} was interrupted")
-            # Evicted between the download and now (a tiny cache): fetch it again.
-            return self.fetch(
-                key,
-                source_uri=source_uri,
-                label=label,
-                expected_bytes=expected_bytes,
-                download=download,
-                progress=progress,
-                key_is_content=key_is_content,
-            )
+        if leader:
+            entry = self._lead(flight, digest, key, digest if key_is_content else None, source_uri, download)
+            return entry.artifact(source_uri, downloaded=True)
+        artifact = self._follow(flight, source_uri)
+        if artifact is not None:
+            return artifact
+        # Evicted between the download and now (a tiny cache): fetch it again.
+        return self.fetch(
+            key,
+            source_uri=source_uri,
+            label=label,
+            expected_bytes=expected_bytes,
+            download=download,
+            progress=progress,
+            key_is_content=key_is_content,
+        )
+
+    def _follow(self, flight: _Flight, source_uri: str) -> Artifact | None:
+        """Wait for the download another load of the same key leads; None if it was evicted since."""
+        log.info("joining the download of %s in progress", flight.meter.label)
+        flight.done.wait()
+        with self._lock:
+            if flight.error is not None:
+                raise flight.error.copy()
+            entry = flight.entry
+            if entry is not None and self._entries.get(entry.digest) is entry:
+                self._pin_locked(entry.digest)
+                return entry.artifact(source_uri, downloaded=False)
+        if entry is None:
+            raise LoadError(f"the download of {flight.meter.label} was interrupted")
+        return None
+
+    def _lead(
+        self,
+        flight: _Flight,
+        flight_key: str,
+        key: str,
+        digest: str | None,
+        source_uri: str,
+        download: Downloader,
+    ) -> _Entry:
+        """Download for every load waiting on ``flight``; they learn the outcome from it."""
         try:
-            entry = self._download(
-                key, digest if key_is_content else None, source_uri, flight.meter, download
-            )
+            entry = self._download(key, digest, source_uri, flight.meter, download)
             flight.entry = entry
+            return entry
         except LoadError as exc:
             log.warning("downloading %s failed (%d): %s", flight.meter.label, exc.status, exc.message)
             flight.error = exc
@@ -418,9 +437,8 @@ class ArtifactCache:
             raise local from None
         finally:
             with self._lock:
-                self._flights.pop(digest, None)
+                self._flights.pop(flight_key, None)
             flight.done.set()
-        return entry.artifact(source_uri, downloaded=True)
 
     def _download(
         self, key: str, digest: str | None, source_uri: str, meter: DownloadMeter, download: Downloader

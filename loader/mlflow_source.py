@@ -44,6 +44,7 @@ import posixpath
 import socket
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -152,42 +153,65 @@ def _transport_error(
 
 def mlflow_error(exc: BaseException, what: str, server: str, timeout_s: float) -> LoadError:
     """Map what MlflowClient raised to the LoadError a user can act on (by type and error code)."""
-    import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, LoadError):
         return exc
-    local = local_io_error(exc, what)
-    if local is not None:
-        return local
     chain = _chain(exc)
     # A status answer (HTTPError from the artifact repository) before the transport check:
     # requests' HTTPError is a RequestException too.
+    found = (
+        local_io_error(exc, what)
+        or _http_status_error(chain, what, server)
+        or _transport_error(chain, what, server, timeout_s)
+    )
+    if found is not None:
+        return found
+    if isinstance(exc, MlflowException):
+        message = redact(str(exc.message))
+        make = _CODE_ERRORS.get(str(exc.error_code), _failed_on)
+        return make(message, what, server)
+    # The store's own driver (a locked or missing database, a schema error).
+    return SourceUnavailable(f"MLflow registry {server} failed on {what}: {type(exc).__name__}")
+
+
+def _http_status_error(chain: list[BaseException], what: str, server: str) -> LoadError | None:
+    import requests
+
     http_error = next((e for e in chain if isinstance(e, requests.exceptions.HTTPError)), None)
     status = int(http_error.response.status_code) if http_error and http_error.response is not None else 0
+    if not status:
+        return None
     if status in {401, 403}:
         return AccessDenied(f"MLflow tracking server {server} denied {what} ({status})")
     if status == 404:
         return ModelNotFound(f"{what}: not found on {server}")
-    if status:
-        return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {status}")
-    transport = _transport_error(chain, what, server, timeout_s)
-    if transport is not None:
-        return transport
-    if isinstance(exc, MlflowException):
-        code = str(exc.error_code)
-        message = redact(str(exc.message))
-        if code in _NOT_FOUND:
-            return ModelNotFound(message)
-        if code in _DENIED:
-            return AccessDenied(f"MLflow tracking server {server} denied {what}: {message}")
-        if code in _NOT_MLFLOW:
-            return SourceUnavailable(f"{server} does not look like an MLflow tracking server ({what})")
-        if code in _REJECTED:
-            return InvalidUri(f"MLflow rejected {what}: {message}")
-        return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {message}")
-    # The store's own driver (a locked or missing database, a schema error).
-    return SourceUnavailable(f"MLflow registry {server} failed on {what}: {type(exc).__name__}")
+    return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {status}")
+
+
+def _failed_on(message: str, what: str, server: str) -> LoadError:
+    return SourceUnavailable(f"MLflow tracking server {server} failed on {what}: {message}")
+
+
+# MlflowException error code -> (message, what, server) -> the LoadError to answer.
+_CODE_ERRORS: dict[str, Callable[[str, str, str], LoadError]] = {
+    **dict.fromkeys(_NOT_FOUND, lambda message, what, server: ModelNotFound(message)),
+    **dict.fromkeys(
+        _DENIED,
+        lambda message, what, server: AccessDenied(
+            f"MLflow tracking server {server} denied {what}: {message}"
+        ),
+    ),
+    **dict.fromkeys(
+        _NOT_MLFLOW,
+        lambda message, what, server: SourceUnavailable(
+            f"{server} does not look like an MLflow tracking server ({what})"
+        ),
+    ),
+    **dict.fromkeys(
+        _REJECTED, lambda message, what, server: InvalidUri(f"MLflow rejected {what}: {message}")
+    ),
+}
 
 
 def sqlite_path(uri: str) -> Path | None:

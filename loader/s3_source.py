@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,31 +148,71 @@ def s3_error(exc: BaseException, client: Any, bucket: str, key: str, timeout_s: 
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if status in {401, 403} or code in _ACCESS_CODES:
-            return AccessDenied(
-                f"access denied to {where} ({code or status}); check that the credentials may read it"
-            )
-        if code == "NoSuchBucket":
-            return ModelNotFound(f"S3 bucket {bucket!r} does not exist ({where})")
-        if status == 404 or code in _MISSING_CODES:
-            return ModelNotFound(f"{where} does not exist")
-        if status == 412 or code == "PreconditionFailed":
-            return SourceUnavailable(f"{where} changed while it was being downloaded; load it again")
-        return SourceUnavailable(f"S3 answered {code or status} for {where}")
-    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
-        return AccessDenied(
-            f"no usable AWS credentials to read {where} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "a profile or a role)"
-        )
-    if isinstance(exc, bce.ConnectTimeoutError | bce.ReadTimeoutError | TimeoutError):
-        return SourceTimeout(
-            f"S3 endpoint {_endpoint(client)} did not answer within {timeout_s:g} s ({where})"
-        )
-    if isinstance(exc, bce.EndpointConnectionError):
-        return SourceUnavailable(f"S3 endpoint {_endpoint(client)} is unreachable ({where})")
-    if isinstance(exc, bce.BotoCoreError | OSError):
-        return SourceUnavailable(f"reading {where} from {_endpoint(client)} failed: {type(exc).__name__}")
-    return SourceUnavailable(f"reading {where} failed: {type(exc).__name__}")
+        make = next((m for matches, m in _CLIENT_ERRORS if matches(status, code)), _answered)
+        return make(where, bucket, code or str(status))
+    return _transport_error(exc, where, client, timeout_s)
+
+
+def _answered(where: str, bucket: str, what: str) -> LoadError:
+    return SourceUnavailable(f"S3 answered {what} for {where}")
+
+
+# (HTTP status, S3 error code) -> does this row apply; (where, bucket, code or status) -> the error.
+_CLIENT_ERRORS: tuple[tuple[Callable[[int, str], bool], Callable[[str, str, str], LoadError]], ...] = (
+    (
+        lambda status, code: status in {401, 403} or code in _ACCESS_CODES,
+        lambda where, bucket, what: AccessDenied(
+            f"access denied to {where} ({what}); check that the credentials may read it"
+        ),
+    ),
+    (
+        lambda status, code: code == "NoSuchBucket",
+        lambda where, bucket, what: ModelNotFound(f"S3 bucket {bucket!r} does not exist ({where})"),
+    ),
+    (
+        lambda status, code: status == 404 or code in _MISSING_CODES,
+        lambda where, bucket, what: ModelNotFound(f"{where} does not exist"),
+    ),
+    (
+        lambda status, code: status == 412 or code == "PreconditionFailed",
+        lambda where, bucket, what: SourceUnavailable(
+            f"{where} changed while it was being downloaded; load it again"
+        ),
+    ),
+)
+
+
+def _transport_error(exc: BaseException, where: str, client: Any, timeout_s: float) -> LoadError:
+    """Credentials, timeouts and connections: the first matching row (subclasses before bases)."""
+    from botocore import exceptions as bce
+
+    rows: list[tuple[tuple[type[BaseException], ...], Callable[[], LoadError]]] = [
+        (
+            (bce.NoCredentialsError, bce.PartialCredentialsError),
+            lambda: AccessDenied(
+                f"no usable AWS credentials to read {where} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "a profile or a role)"
+            ),
+        ),
+        (
+            (bce.ConnectTimeoutError, bce.ReadTimeoutError, TimeoutError),
+            lambda: SourceTimeout(
+                f"S3 endpoint {_endpoint(client)} did not answer within {timeout_s:g} s ({where})"
+            ),
+        ),
+        (
+            (bce.EndpointConnectionError,),
+            lambda: SourceUnavailable(f"S3 endpoint {_endpoint(client)} is unreachable ({where})"),
+        ),
+        (
+            (bce.BotoCoreError, OSError),
+            lambda: SourceUnavailable(
+                f"reading {where} from {_endpoint(client)} failed: {type(exc).__name__}"
+            ),
+        ),
+    ]
+    make = next((m for types, m in rows if isinstance(exc, types)), None)
+    return make() if make else SourceUnavailable(f"reading {where} failed: {type(exc).__name__}")
 
 
 class S3Dir:

@@ -15,8 +15,6 @@ OK: Final = 0
 BOOT_ERROR: Final = 3
 # Worker leaves to return memory to the OS (RSS over the recycle mark); restarted.
 RECYCLE: Final = 10
-# Worker lost its coordinator for longer than the heartbeat timeout; restarted.
-COORDINATOR_LOST: Final = 11
 
 # Codes after which supervisord must not restart the process.
 EXPECTED: Final = (OK, BOOT_ERROR)

@@ -188,6 +188,13 @@ class Settings(BaseSettings):
     )
     max_queue_delay_us: int = Field(500, ge=0, description="Default wait to fill a batch, microseconds.")
     max_queue_size: int = Field(1024, ge=1, description="Default queued requests per model before 503.")
+    batch_routing_fill: float = Field(
+        1.0,
+        ge=0,
+        le=16,
+        description="Batched models: a frontend keeps this many max_batch_size's worth of requests in "
+        "flight on one worker before routing to the next, so a burst is batched whole (0: least busy).",
+    )
 
     # --- IPC, shared memory, deadlines -------------------------------------------
     shm_arena_bytes: int = Field(

@@ -123,8 +123,7 @@ def test_every_setting_is_documented() -> None:
 
 def test_exit_codes() -> None:
     assert exitcodes.EXPECTED == (exitcodes.OK, exitcodes.BOOT_ERROR)
-    codes = [exitcodes.OK, exitcodes.BOOT_ERROR, exitcodes.RECYCLE, exitcodes.COORDINATOR_LOST]
+    codes = [exitcodes.OK, exitcodes.BOOT_ERROR, exitcodes.RECYCLE]
     assert len(set(codes)) == len(codes)
-    # Recycling and a lost coordinator must be restarted: never "expected".
+    # A recycling worker must be restarted: never "expected".
     assert exitcodes.RECYCLE not in exitcodes.EXPECTED
-    assert exitcodes.COORDINATOR_LOST not in exitcodes.EXPECTED

@@ -75,7 +75,14 @@ def split(outputs: Sequence[Array], row_counts: Sequence[int]) -> list[list[Arra
 
 @dataclass
 class ModelQueue(Generic[T]):
-    """Requests for one model waiting to be merged."""
+    """Requests for one model waiting to be merged.
+
+    The policy is Triton's dynamic batcher's: a batch is cut as soon as the queue
+    holds a full batch's worth of rows or can form a preferred size; otherwise it
+    waits until its oldest request has waited ``max_queue_delay_ns``, then takes
+    whatever is there. The caller drains its socket before asking, so "the queue"
+    is everything already sent to this worker, not what arrived in one window.
+    """
 
     policy: Policy
     pending: deque[Pending[T]] = field(default_factory=deque)
@@ -94,42 +101,56 @@ class ModelQueue(Generic[T]):
         return self.pending[0].arrival_ns + self.policy.max_queue_delay_ns
 
     def ready(self, now_ns: int) -> bool:
+        """Whether a batch should run now rather than wait for more requests."""
         if not self.pending:
             return False
-        rows = self.rows
-        if rows >= self.policy.max_batch_size or rows in self.policy.preferred_batch_sizes:
-            return True
+        if self.rows >= self.policy.max_batch_size:
+            return True  # waiting cannot make the batch bigger: the delay is only for short queues
         due = self.due_ns()
-        return due is not None and now_ns >= due
+        if due is not None and now_ns >= due:
+            return True
+        return self._preferred_cut(self._candidates()[1]) is not None
 
     def take(self) -> list[Pending[T]]:
         """The next batch: oldest first, same signature, at most max_batch_size rows.
 
-        A request of more rows than the cap is taken alone. Requests of another
-        signature stay queued, in order, for a later batch.
+        The largest preferred size the queue can form is cut; without one, the
+        batch takes every request of the head's signature that fits. A request
+        of more rows than the cap is taken alone. Requests left out stay queued,
+        in order, for a later batch.
         """
-        first = self.pending.popleft()
-        batch = [first]
-        if first.rows >= self.policy.max_batch_size:
-            return batch
-        rows = first.rows
-        target = self.policy.max_batch_size
-        preferred = [p for p in self.policy.preferred_batch_sizes if p <= target]
-        kept: deque[Pending[T]] = deque()
-        while self.pending:
-            candidate = self.pending.popleft()
-            if candidate.signature == first.signature and rows + candidate.rows <= target:
-                batch.append(candidate)
-                rows += candidate.rows
-                if rows == target or (rows in preferred and not self._can_reach(rows, target)):
-                    break
-            else:
-                kept.append(candidate)
-        kept.extend(self.pending)
-        self.pending = kept
+        if self.pending[0].rows >= self.policy.max_batch_size:
+            return [self.pending.popleft()]
+        members, totals = self._candidates()
+        cut = self._preferred_cut(totals)
+        chosen = set(members[: cut if cut is not None else len(members)])
+        batch = [p for i, p in enumerate(self.pending) if i in chosen]
+        self.pending = deque(p for i, p in enumerate(self.pending) if i not in chosen)
         return batch
 
-    def _can_reach(self, rows: int, target: int) -> bool:
-        """Whether queued requests could grow this batch to a larger preferred size."""
-        larger = [p for p in self.policy.preferred_batch_sizes if rows < p <= target]
-        return bool(larger) and rows + sum(p.rows for p in self.pending) >= min(larger)
+    def _candidates(self) -> tuple[list[int], list[int]]:
+        """Queue positions a batch started by the head would take greedily, and its rows after each."""
+        cap = self.policy.max_batch_size
+        signature = self.pending[0].signature
+        members: list[int] = []
+        totals: list[int] = []
+        rows = 0
+        for i, p in enumerate(self.pending):
+            if p.signature == signature and rows + p.rows <= cap:
+                rows += p.rows
+                members.append(i)
+                totals.append(rows)
+                if rows == cap:
+                    break
+        return members, totals
+
+    def _preferred_cut(self, totals: list[int]) -> int | None:
+        """How many candidates make the largest preferred size they can form exactly (None: none)."""
+        preferred = self.policy.preferred_batch_sizes
+        if not preferred:
+            return None
+        best: int | None = None
+        for count, rows in enumerate(totals, start=1):
+            if rows in preferred:
+                best = count  # totals grow, so a later hit is a larger size
+        return best

@@ -28,13 +28,15 @@ from model_server.settings import Settings, get_settings
 
 from . import device
 from .control import ControlLink
-from .serving import Engine, LoadedModel
+from .serving import Engine, LoadedModel, Out
 from .session_cache import SessionCache
 
 log = logging.getLogger(__name__)
 
-# Requests taken off the socket per wake-up before batches are flushed.
+# Requests taken off the socket per wake-up before batches are cut: bounds how long a
+# flood of requests can keep queued batches from running.
 DRAIN_MAX = 256
+IDLE_POLL_MS = 200  # nothing queued: wake up this often to notice a stop
 PRUNE_EVERY_S = 5.0
 
 
@@ -99,40 +101,53 @@ class WorkerProcess:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         engine = self.engine
-        send = sock.send_multipart
         next_prune = time.monotonic() + PRUNE_EVERY_S
-        cache = self.cache
         while not self.stop.is_set():
-            dues = [d for d in (engine.next_due_ns(), cache.next_close_ns()) if d is not None]
-            timeout_ms = max(0.0, math.ceil((min(dues) - time.monotonic_ns()) / 1e6)) if dues else 200.0
             drained = True
-            if poller.poll(int(timeout_ms)):
-                drained = False
-                for _ in range(DRAIN_MAX):
-                    try:
-                        peer, payload = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        drained = True
-                        break
-                    except ValueError:
-                        log.error("dropped a message with an unexpected frame count")
-                        continue
-                    try:
-                        request = infer_request_decoder.decode(payload)
-                    except Exception as exc:
-                        log.error("undecodable inference message: %s", exc)
-                        continue
-                    for to, reply in engine.submit(peer, request):
-                        send([to, encode(reply)])
-            for to, reply in engine.flush():
-                send([to, encode(reply)])
+            if poller.poll(self._poll_timeout_ms()):
+                # Everything already sent to us is queued before any batch is cut, so a
+                # batch is formed from the whole backlog, not from one wake-up's worth.
+                drained = self._drain(sock)
+            self._send_all(sock, engine.flush())
             metrics.QUEUED.set(engine.queued)
             if drained:
                 # Every request sent before an unload's grace ended has been taken: close it now.
-                cache.close_due(time.monotonic_ns())
+                self.cache.close_due(time.monotonic_ns())
             if time.monotonic() >= next_prune:
                 self.segments.prune()
                 next_prune = time.monotonic() + PRUNE_EVERY_S
+
+    def _poll_timeout_ms(self) -> int:
+        """Block until the earliest batching or unload deadline, not at all while a batch is ready."""
+        if self.engine.ready_now():
+            return 0
+        dues = [d for d in (self.engine.next_due_ns(), self.cache.next_close_ns()) if d is not None]
+        if not dues:
+            return IDLE_POLL_MS
+        return max(0, math.ceil((min(dues) - time.monotonic_ns()) / 1e6))
+
+    def _drain(self, sock: zmq.Socket) -> bool:  # type: ignore[type-arg]
+        """Take up to DRAIN_MAX requests without blocking; True when the socket was found empty."""
+        for _ in range(DRAIN_MAX):
+            try:
+                peer, payload = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            except ValueError:
+                log.error("dropped a message with an unexpected frame count")
+                continue
+            try:
+                request = infer_request_decoder.decode(payload)
+            except Exception as exc:
+                log.error("undecodable inference message: %s", exc)
+                continue
+            self._send_all(sock, self.engine.submit(peer, request))
+        return False
+
+    @staticmethod
+    def _send_all(sock: zmq.Socket, replies: Out) -> None:  # type: ignore[type-arg]
+        for to, reply in replies:
+            sock.send_multipart([to, encode(reply)])
 
 
 def main() -> int:

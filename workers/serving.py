@@ -102,8 +102,11 @@ class Engine:
     def submit(self, peer: Peer, request: InferRequest, now_ns: int | None = None) -> Out:
         """Take one request: answer it now, or queue it for a merged batch.
 
-        Never raises: whatever goes wrong with one request becomes its error reply,
-        so no request can take the worker (and every other request on it) down.
+        A queued request waits for ``flush``, which the process shell calls once it
+        has drained every request already sitting in its socket, so a batch is formed
+        from all of them. Never raises: whatever goes wrong with one request becomes
+        its error reply, so no request can take the worker (and every other request
+        on it) down.
         """
         try:
             return self._submit(peer, request, now_ns)
@@ -126,44 +129,66 @@ class Engine:
         policy = entry.value.policy
         if policy is None:
             return self._run([job])
+        return self._enqueue(job, policy)
+
+    def _enqueue(self, job: Job, policy: Policy) -> Out:
+        """Queue a batchable request; one that cannot be queued is answered (and unpinned) here."""
+        request = job.request
+        key = (request.model_id, request.version)
         try:
             feeds = self._read_inputs(request)
         except (InputError, SegmentError) as exc:
-            self.cache.release(entry)
-            return [(peer, InferReply(request.seq, Status.BAD_INPUT, str(exc)))]
+            reply = InferReply(request.seq, Status.BAD_INPUT, str(exc))
         except Exception as exc:
-            self.cache.release(entry)
-            return [(peer, _internal(request, exc))]
-        queue = self.queues.get(key)
-        if queue is None or queue.policy != policy:
-            queue = self.queues[key] = ModelQueue(policy)
-        if queue.full():
-            self.cache.release(entry)
-            return [(peer, InferReply(request.seq, Status.QUEUE_FULL, f"queue of {key[0]}:{key[1]} is full"))]
-        rows = rows_of(feeds)
-        if rows < 1:
-            # Zero rows (or inputs that disagree on them) run alone: nothing to merge.
-            return self._run([job], [feeds])
-        queue.pending.append(Pending(job, feeds, rows, now_ns, signature_of(feeds, request.output_names)))
-        return self.flush(now_ns) if queue.ready(now_ns) else []
+            reply = _internal(request, exc)
+        else:
+            queue = self.queues.get(key)
+            if queue is None or queue.policy != policy:
+                queue = self.queues[key] = ModelQueue(policy)
+            rows = rows_of(feeds)
+            if queue.full():
+                reply = InferReply(request.seq, Status.QUEUE_FULL, f"queue of {key[0]}:{key[1]} is full")
+            elif rows < 1:
+                # Zero rows (or inputs that disagree on them) run alone: nothing to merge.
+                return self._run([job], [feeds])
+            else:
+                signature = signature_of(feeds, request.output_names)
+                queue.pending.append(Pending(job, feeds, rows, job.arrival_ns, signature))
+                return []
+        self.cache.release(job.entry)
+        return [(job.peer, reply)]
 
     def flush(self, now_ns: int | None = None, force: bool = False) -> Out:
-        """Run every queue whose batch is full or whose oldest request waited long enough."""
+        """Run one batch of every queue that is ready (full, preferred size, or waited long enough).
+
+        One batch per queue per call: the shell drains its socket again before the
+        next, so requests that arrived while a batch ran join the one after it.
+        ``force`` (shutdown) runs everything queued.
+        """
         now_ns = now_ns if now_ns is not None else time.monotonic_ns()
         out: Out = []
         for key in list(self.queues):
             queue = self.queues[key]
             while queue.pending and (force or queue.ready(now_ns)):
-                batch = queue.take()
-                jobs = [p.item for p in batch]
-                try:
-                    out.extend(self._run(jobs, [p.feeds for p in batch]))
-                except Exception as exc:
-                    # _run contains its own failures; this is the last guard: fail this batch only.
-                    out.extend((job.peer, _internal(job.request, exc)) for job in jobs)
+                out.extend(self._run_batch(queue.take()))
+                if not force:
+                    break
             if not queue.pending:
                 del self.queues[key]
         return out
+
+    def _run_batch(self, batch: list[Pending[Job]]) -> Out:
+        jobs = [p.item for p in batch]
+        try:
+            return self._run(jobs, [p.feeds for p in batch])
+        except Exception as exc:
+            # _run contains its own failures; this is the last guard: fail this batch only.
+            return [(job.peer, _internal(job.request, exc)) for job in jobs]
+
+    def ready_now(self, now_ns: int | None = None) -> bool:
+        """Whether a queued batch is ready, so the shell should not block waiting for more."""
+        now_ns = now_ns if now_ns is not None else time.monotonic_ns()
+        return any(q.ready(now_ns) for q in self.queues.values())
 
     def next_due_ns(self) -> int | None:
         dues = [d for q in self.queues.values() if (d := q.due_ns()) is not None]
@@ -218,86 +243,21 @@ class Engine:
         return arr if arr.flags.aligned else arr.copy()
 
     def _run(self, jobs: list[Job], feeds_list: list[dict[str, Array]] | None = None) -> Out:
-        """One ONNX Runtime call for all ``jobs``; every job's pin is released here."""
-        model = jobs[0].entry.value
+        """One ONNX Runtime call for all ``jobs``; every job's pin is released here.
+
+        ``feeds_list`` carries the inputs already read for queued jobs; without it
+        (a single unqueued job) they are read here.
+        """
         first = jobs[0].request
-        out: Out = []
         token = request_id_var.set(
             first.trace_id if len(jobs) == 1 else f"batch:{first.trace_id}+{len(jobs) - 1}"
         )
         model_token = model_var.set(f"{first.model_id}:{first.version}")  # JSON logs' "model"
         self.running += len(jobs)
         try:
-            now = time.monotonic_ns()
-            live: list[Job] = []
-            live_feeds: list[dict[str, Array]] = []
-            for i, job in enumerate(jobs):
-                if now > job.request.deadline_ns:
-                    out.append(
-                        (job.peer, InferReply(job.request.seq, Status.DEADLINE, "deadline passed in queue"))
-                    )
-                    continue
-                live.append(job)
-                if feeds_list is not None:
-                    live_feeds.append(feeds_list[i])
-            if not live:
-                return out
-            try:
-                if feeds_list is None:
-                    live_feeds = [self._read_inputs(job.request) for job in live]
-                feeds = merge(live_feeds)
-                started = time.monotonic_ns()
-                results = [to_tensor(r) for r in model.runner.run(feeds, first.output_names or None)]
-                finished = time.monotonic_ns()
-            except (InputError, SegmentError) as exc:
-                if len(live) > 1:
-                    # One bad request must not fail its batch-mates: run them one by one.
-                    return out + self._run_each(live, live_feeds)
-                log.info("rejected input for %s:%s: %s", first.model_id, first.version, exc)
-                return [*out, (live[0].peer, InferReply(live[0].request.seq, Status.BAD_INPUT, str(exc)))]
-            except Exception as exc:
-                # RunError (onnxruntime refused a valid-looking input) or anything unexpected.
-                if len(live) > 1:
-                    # The batch failed: retry its requests one by one, so only the culprit fails.
-                    return out + self._run_each(live, live_feeds)
-                return out + [(j.peer, _internal(j.request, exc)) for j in live]
-            names = first.output_names or model.runner.output_names
-            rows = [rows_of(f) for f in live_feeds]
-            if len(live) == 1:
-                per_job = [results]
-            else:
-                try:
-                    per_job = split(results, rows)
-                except ValueError as exc:
-                    log.warning(
-                        "model %s:%s cannot be batched (%s); serving unmerged",
-                        first.model_id,
-                        first.version,
-                        exc,
-                    )
-                    model.policy = None
-                    return out + self._run_each(live, live_feeds)
-            total_rows = sum(r for r in rows if r > 0)
-            metrics.BATCH_ROWS.labels(first.model_id, first.version, self.worker_label).observe(total_rows)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "ran %s:%s: %d request(s), %d row(s), %d us",
-                    first.model_id,
-                    first.version,
-                    len(live),
-                    total_rows,
-                    (finished - started) // 1000,
-                )
-            self.executed_batches[total_rows] = self.executed_batches.get(total_rows, 0) + 1
-            for job, arrays in zip(live, per_job, strict=True):
-                try:
-                    reply = self._write_outputs(job.request, names, arrays)
-                except Exception as exc:
-                    reply = _internal(job.request, exc)
-                reply.queue_us = (started - job.arrival_ns) // 1000
-                reply.compute_us = (finished - started) // 1000
-                reply.batch_rows = total_rows
-                out.append((job.peer, reply))
+            out, live, live_feeds = _drop_expired(jobs, feeds_list, time.monotonic_ns())
+            if live:
+                out.extend(self._execute(live, live_feeds))
             return out
         finally:
             self.running -= len(jobs)
@@ -305,6 +265,77 @@ class Engine:
                 self.cache.release(job.entry)
             request_id_var.reset(token)
             model_var.reset(model_token)
+
+    def _execute(self, live: list[Job], feeds_list: list[dict[str, Array]] | None) -> Out:
+        model = live[0].entry.value
+        first = live[0].request
+        try:
+            if feeds_list is None:
+                feeds_list = [self._read_inputs(job.request) for job in live]
+            feeds = merge(feeds_list)
+            started = time.monotonic_ns()
+            results = [to_tensor(r) for r in model.runner.run(feeds, first.output_names or None)]
+            finished = time.monotonic_ns()
+        except Exception as exc:
+            if len(live) > 1 and feeds_list is not None:
+                # One bad request must not fail its batch-mates: run them one by one.
+                return self._run_each(live, feeds_list)
+            return [(job.peer, _failure_reply(job.request, exc)) for job in live]
+        rows = [rows_of(f) for f in feeds_list]
+        per_job = self._split(model, live, feeds_list, results, rows)
+        if per_job is None:
+            return self._run_each(live, feeds_list)
+        total_rows = sum(r for r in rows if r > 0)
+        self._record_batch(first, len(live), total_rows, finished - started)
+        names = first.output_names or model.runner.output_names
+        out: Out = []
+        for job, arrays in zip(live, per_job, strict=True):
+            reply = self._reply_with_outputs(job.request, names, arrays)
+            reply.queue_us = (started - job.arrival_ns) // 1000
+            reply.compute_us = (finished - started) // 1000
+            reply.batch_rows = total_rows
+            out.append((job.peer, reply))
+        return out
+
+    def _split(
+        self,
+        model: LoadedModel,
+        live: list[Job],
+        feeds_list: list[dict[str, Array]],
+        results: list[Array],
+        rows: list[int],
+    ) -> list[list[Array]] | None:
+        """Each job's rows of the outputs; None when the model turns out not to be batchable."""
+        if len(live) == 1:
+            return [results]
+        try:
+            return split(results, rows)
+        except ValueError as exc:
+            first = live[0].request
+            log.warning(
+                "model %s:%s cannot be batched (%s); serving unmerged", first.model_id, first.version, exc
+            )
+            model.policy = None
+            return None
+
+    def _record_batch(self, first: InferRequest, requests: int, total_rows: int, compute_ns: int) -> None:
+        metrics.BATCH_ROWS.labels(first.model_id, first.version, self.worker_label).observe(total_rows)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "ran %s:%s: %d request(s), %d row(s), %d us",
+                first.model_id,
+                first.version,
+                requests,
+                total_rows,
+                compute_ns // 1000,
+            )
+        self.executed_batches[total_rows] = self.executed_batches.get(total_rows, 0) + 1
+
+    def _reply_with_outputs(self, request: InferRequest, names: list[str], arrays: list[Array]) -> InferReply:
+        try:
+            return self._write_outputs(request, names, arrays)
+        except Exception as exc:
+            return _internal(request, exc)
 
     def _run_each(self, jobs: list[Job], feeds_list: list[dict[str, Array]]) -> Out:
         out: Out = []
@@ -317,49 +348,28 @@ class Engine:
         return out
 
     def _write_outputs(self, request: InferRequest, names: list[str], arrays: list[Array]) -> InferReply:
-        encoded: list[tuple[str, str, list[int], memoryview]] = []
-        for name, arr in zip(names, arrays, strict=True):
-            datatype = datatypes.oip_datatype(arr.dtype)
-            if datatype == "BYTES":
-                raw = memoryview(datatypes.serialize_bytes(arr))
-            else:
-                # Flat bytes via a uint8 view: memoryview.cast refuses zero-row arrays.
-                raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
-            encoded.append((name, datatype, list(arr.shape), raw))
+        encoded = [_encode_output(name, arr) for name, arr in zip(names, arrays, strict=True)]
         client = {ref.name: ref for ref in request.client_outputs}
-        refs: list[TensorRef] = []
         # Outputs bound for client regions go there; the rest share the output slot.
-        pooled = [e for e in encoded if e[0] not in client]
-        need = sum(_align(len(e[3])) for e in pooled)
+        need = sum(_align(len(e.raw)) for e in encoded if e.name not in client)
         spill_name = ""
         if need <= request.out_capacity:
-            segment, base = request.out_segment, request.out_offset
+            segment, offset = request.out_segment, request.out_offset
         else:
             seg = self.spill.create(need)
-            segment, base, spill_name = seg.name, 0, seg.name
+            segment, offset, spill_name = seg.name, 0, seg.name
             self.segments.adopt(seg)  # mapped until written, then handed over
         try:
-            offset = base
-            for name, datatype, shape, raw in encoded:
-                target = client.get(name)
-                if target is not None:
-                    if len(raw) > target.nbytes:
-                        return InferReply(
-                            request.seq,
-                            Status.OUTPUT_REGION,
-                            f"output {name!r} needs {len(raw)} bytes; its shared-memory region "
-                            f"{target.segment!r} holds {target.nbytes}",
-                            spill=spill_name,  # the frontend owns (and unlinks) it all the same
-                        )
-                    if self._client_region(target.segment):
-                        client_shm.write(target.segment, target.offset, raw)
-                    else:
-                        self.segments.view(target.segment, target.offset, len(raw))[:] = raw
-                    refs.append(TensorRef(name, datatype, shape, target.segment, target.offset, len(raw)))
-                    continue
-                self.segments.view(segment, offset, len(raw))[:] = raw
-                refs.append(TensorRef(name, datatype, shape, segment, offset, len(raw)))
-                offset += _align(len(raw))
+            refs: list[TensorRef] = []
+            for out in encoded:
+                target = client.get(out.name)
+                if target is None:
+                    refs.append(self._write_pooled(out, segment, offset))
+                    offset += _align(len(out.raw))
+                elif len(out.raw) > target.nbytes:
+                    return _region_too_small(request, out, target, spill_name)
+                else:
+                    refs.append(self._write_client(out, target))
         except SegmentError as exc:
             return InferReply(request.seq, Status.OUTPUT_REGION, str(exc), spill=spill_name)
         except Exception:
@@ -373,6 +383,71 @@ class Engine:
                 # The frontend owns the spill from here; we only drop our mapping.
                 self.segments.forget(spill_name)
         return InferReply(request.seq, Status.OK, outputs=refs, spill=spill_name)
+
+    def _write_pooled(self, out: EncodedOutput, segment: str, offset: int) -> TensorRef:
+        self.segments.view(segment, offset, len(out.raw))[:] = out.raw
+        return TensorRef(out.name, out.datatype, out.shape, segment, offset, len(out.raw))
+
+    def _write_client(self, out: EncodedOutput, target: TensorRef) -> TensorRef:
+        if self._client_region(target.segment):
+            client_shm.write(target.segment, target.offset, out.raw)
+        else:
+            self.segments.view(target.segment, target.offset, len(out.raw))[:] = out.raw
+        return TensorRef(out.name, out.datatype, out.shape, target.segment, target.offset, len(out.raw))
+
+
+@dataclass
+class EncodedOutput:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: memoryview
+
+
+def _encode_output(name: str, arr: Array) -> EncodedOutput:
+    datatype = datatypes.oip_datatype(arr.dtype)
+    if datatype == "BYTES":
+        raw = memoryview(datatypes.serialize_bytes(arr))
+    else:
+        # Flat bytes via a uint8 view: memoryview.cast refuses zero-row arrays.
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+    return EncodedOutput(name, datatype, list(arr.shape), raw)
+
+
+def _region_too_small(request: InferRequest, out: EncodedOutput, target: TensorRef, spill: str) -> InferReply:
+    return InferReply(
+        request.seq,
+        Status.OUTPUT_REGION,
+        f"output {out.name!r} needs {len(out.raw)} bytes; its shared-memory region "
+        f"{target.segment!r} holds {target.nbytes}",
+        spill=spill,  # the frontend owns (and unlinks) it all the same
+    )
+
+
+def _drop_expired(
+    jobs: list[Job], feeds_list: list[dict[str, Array]] | None, now_ns: int
+) -> tuple[Out, list[Job], list[dict[str, Array]] | None]:
+    """Deadline replies for jobs whose deadline passed in the queue; the live jobs and their feeds."""
+    out: Out = []
+    live: list[Job] = []
+    live_feeds: list[dict[str, Array]] = []
+    for i, job in enumerate(jobs):
+        if now_ns > job.request.deadline_ns:
+            out.append((job.peer, InferReply(job.request.seq, Status.DEADLINE, "deadline passed in queue")))
+            continue
+        live.append(job)
+        if feeds_list is not None:
+            live_feeds.append(feeds_list[i])
+    return out, live, live_feeds if feeds_list is not None else None
+
+
+def _failure_reply(request: InferRequest, exc: Exception) -> InferReply:
+    """A lone request's failure: its input at fault (400/422) or anything else (500)."""
+    if isinstance(exc, (InputError, SegmentError)):
+        log.info("rejected input for %s:%s: %s", request.model_id, request.version, exc)
+        return InferReply(request.seq, Status.BAD_INPUT, str(exc))
+    # RunError (onnxruntime refused a valid-looking input) or anything unexpected.
+    return _internal(request, exc)
 
 
 def _internal(request: InferRequest, exc: Exception) -> InferReply:

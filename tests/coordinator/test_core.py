@@ -272,15 +272,6 @@ def test_load_timeout(tmp_path: Path) -> None:
     assert world.state() == "failed"
 
 
-def test_draining_refuses_loads(world: World) -> None:
-    world.hello(0)
-    world.core.start_drain()
-    req = world.load()
-    ((_, reply),) = replies(world.take())
-    assert (reply.req, reply.status, reply.error) == (req, 503, "server is draining")
-    assert world.core.fetches == []
-
-
 def test_failed_startup_model_is_retried(world: World) -> None:
     world.hello(0)
     world.load(config=ModelConfig(startup=True))
@@ -594,10 +585,8 @@ def test_readiness_reasons(tmp_path: Path) -> None:
     world.fetched()
     world.loaded(0)
     assert world.core.readiness() == (True, [])
-    world.core.start_drain()
-    assert world.core.readiness() == (False, ["server is draining"])
     snap = world.core.snapshot()
-    assert (snap.ready, snap.draining, snap.reasons) == (False, True, ["server is draining"])
+    assert (snap.ready, snap.draining, snap.reasons) == (True, False, [])
 
 
 def test_readiness_needs_a_live_holder_of_startup_models(world: World) -> None:

@@ -44,15 +44,57 @@ def _stop(proc: psutil.Process) -> None:
         time.sleep(0.005)
 
 
+# A batch queue that holds a lone request for seconds: the request provably waits inside
+# the worker (its queued-requests gauge says so) with no reply sent, whatever the CPU speed.
+HOLD = {"max_batch_size": 256, "preferred_batch_sizes": [256], "max_queue_delay_us": 3_000_000}
+
+
+def _slow_batches_run(c: httpx.Client) -> float:
+    return _metric(c.get("/metrics").text, "model_server_batch_size_rows_count", model="slow", version="1")
+
+
+def _kill_while_queued(c: httpx.Client, worker: psutil.Process, ran_before: float) -> None:
+    """SIGKILL ``worker`` once it holds the slow request queued and has not run it.
+
+    Judged while the worker is stopped, so nothing changes between the look and the kill:
+    queued >= 1 means the worker took the request off its socket; an unchanged batch count
+    means it has not run it (the count is written before any reply is sent). Killed then,
+    the request cannot have been answered.
+    """
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _stop(worker)
+        text = c.get("/metrics").text
+        queued = _metric(text, "model_server_queued_requests")
+        ran = _metric(text, "model_server_batch_size_rows_count", model="slow", version="1")
+        if queued >= 1 and ran == ran_before:
+            os.kill(worker.pid, signal.SIGKILL)
+            return
+        os.kill(worker.pid, signal.SIGCONT)
+        assert ran == ran_before, "the request ran before it was seen queued in the worker"
+        time.sleep(0.02)
+    pytest.fail("the request never reached the worker")
+
+
+def _wait_for_models_back(server: Server, old: psutil.Process) -> None:
+    """supervisord starts a new worker; the coordinator gives it the models back."""
+
+    def back() -> bool:
+        procs = server.processes()
+        if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
+            return False
+        listed = {m["model_id"]: m for m in server.client.get("/v1/models").json()["models"]}
+        return bool(listed["linear"]["workers"] == [0] and listed["slow"]["workers"] == [0])
+
+    server.wait_for(back, 60, "the restarted worker to hold its models")
+
+
 def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(repository: Path) -> None:
     server = Server(repository, workers=1)
     try:
         server.start()
         c = server.client
-        # A batch queue that holds a lone request for seconds: the request provably waits inside
-        # the worker (its queued-requests gauge says so) with no reply sent, whatever the CPU speed.
-        hold = {"max_batch_size": 256, "preferred_batch_sizes": [256], "max_queue_delay_us": 3_000_000}
-        r = c.post("/v1/models/load", json={"model_id": "slow", "version": "1", **hold})
+        r = c.post("/v1/models/load", json={"model_id": "slow", "version": "1", **HOLD})
         assert r.status_code == 200, r.text
         assert c.post("/v1/models/load", json={"model_id": "linear", "version": "1"}).status_code == 200
         old = server.processes()["worker-0"]
@@ -65,33 +107,10 @@ def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(reposi
                     "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}}
                 )
 
-        def batches_run() -> float:
-            return _metric(
-                c.get("/metrics").text, "model_server_batch_size_rows_count", model="slow", version="1"
-            )
-
-        ran_before = batches_run()
+        ran_before = _slow_batches_run(c)
         thread = threading.Thread(target=slow_request)
         thread.start()
-        # Judged while the worker is stopped, so nothing changes between the look and the kill:
-        # queued >= 1 means the worker took the request off its socket; an unchanged batch count
-        # means it has not run it (the count is written before any reply is sent). Killed then,
-        # the request cannot have been answered.
-        killed = False
-        deadline = time.monotonic() + 60
-        while not killed and time.monotonic() < deadline:
-            _stop(old)
-            text = c.get("/metrics").text
-            queued = _metric(text, "model_server_queued_requests")
-            ran = _metric(text, "model_server_batch_size_rows_count", model="slow", version="1")
-            if queued >= 1 and ran == ran_before:
-                os.kill(old.pid, signal.SIGKILL)
-                killed = True
-            else:
-                os.kill(old.pid, signal.SIGCONT)
-                assert ran == ran_before, "the request ran before it was seen queued in the worker"
-                time.sleep(0.02)
-        assert killed, "the request never reached the worker"
+        _kill_while_queued(c, old, ran_before)
         thread.join(60)
         assert not thread.is_alive()
         r = result["r"]
@@ -104,15 +123,7 @@ def test_killed_worker_fails_in_flight_fast_restarts_and_gets_models_back(reposi
         )
         assert during.status_code in (200, 503), during.text
 
-        # supervisord starts a new worker; the coordinator gives it the models back.
-        def back() -> bool:
-            procs = server.processes()
-            if "worker-0" not in procs or procs["worker-0"].pid == old.pid:
-                return False
-            listed = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
-            return bool(listed["linear"]["workers"] == [0] and listed["slow"]["workers"] == [0])
-
-        server.wait_for(back, 60, "the restarted worker to hold its models")
+        _wait_for_models_back(server, old)
         features = np.array([[0.5, 1.0, -2.0]], dtype=np.float32)
         again = c.post(
             "/v1/infer", json={"model_id": "linear", "model_version": "1", "inputs": {"x": features.tolist()}}

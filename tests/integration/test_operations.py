@@ -184,6 +184,59 @@ def test_metrics_move_with_requests(repository: Path) -> None:
         server.stop()
 
 
+Outcome = tuple[str, str, float, float]  # (request id, outcome, sent at, answered at)
+
+
+def _stream_slow_requests(
+    server: Server,
+    worker: int,
+    x: list[list[float]],
+    outcomes: list[Outcome],
+    lock: threading.Lock,
+    stop: threading.Event,
+) -> None:
+    """Send slow requests one after another until stopped or refused; record every outcome."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for n in range(300):
+            if stop.is_set():
+                return
+            request_id = f"drain-{worker}-{n}"
+            sent = time.monotonic()
+            try:
+                r = client.post(
+                    "/v1/infer",
+                    json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}},
+                    headers={"X-Request-ID": request_id},
+                )
+                code = r.json()["error"]["code"] if r.status_code == 503 else ""
+                outcome = f"{r.status_code}:{code}" if code else str(r.status_code)
+            except httpx.ConnectError:
+                outcome = "refused"  # no listener any more: never accepted
+            except httpx.HTTPError as exc:
+                outcome = f"unanswered:{type(exc).__name__}"
+            with lock:
+                outcomes.append((request_id, outcome, sent, time.monotonic()))
+            if outcome == "refused":
+                return
+
+
+def _assert_accepted_requests_answered(log: str, outcomes: list[Outcome]) -> None:
+    """The access log has a line for every request the server took: each of those was answered."""
+    taken = {line.split("[")[2].split("]")[0]: line for line in log.splitlines() if "POST /v1/infer" in line}
+    for request_id, outcome, _, _ in outcomes:
+        if outcome.startswith("unanswered"):
+            assert request_id not in taken, (
+                f"{request_id} was accepted but got no answer: {taken[request_id]}"
+            )
+        elif outcome != "refused":
+            assert request_id in taken, (request_id, outcome)
+    kinds = {o for _, o, _, _ in outcomes}
+    assert kinds <= {"200", "503:draining", "refused"} | {k for k in kinds if k.startswith("unanswered")}, (
+        kinds
+    )
+    assert "503:draining" in kinds  # new requests were refused while running ones finished
+
+
 def test_sigterm_drains_without_losing_accepted_requests(repository: Path) -> None:
     """Every request the server accepted is answered: running ones with their result, new ones
     with 503 while draining. A request the server never read (its connection was still in a
@@ -195,35 +248,13 @@ def test_sigterm_drains_without_losing_accepted_requests(repository: Path) -> No
         loaded = server.client.post("/v1/models/load", json={"model_id": "slow", "version": "1"})
         assert loaded.status_code == 200
         x = (np.ones((8, 1024), dtype=np.float32) / 3).tolist()
-        outcomes: list[tuple[str, str, float, float]] = []  # (request id, outcome, sent at, answered at)
+        outcomes: list[Outcome] = []
         lock = threading.Lock()
         stop = threading.Event()
-
-        def stream(worker: int) -> None:
-            with httpx.Client(base_url=server.url, timeout=60) as client:
-                for n in range(300):
-                    if stop.is_set():
-                        return
-                    request_id = f"drain-{worker}-{n}"
-                    sent = time.monotonic()
-                    try:
-                        r = client.post(
-                            "/v1/infer",
-                            json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}},
-                            headers={"X-Request-ID": request_id},
-                        )
-                        code = r.json()["error"]["code"] if r.status_code == 503 else ""
-                        outcome = f"{r.status_code}:{code}" if code else str(r.status_code)
-                    except httpx.ConnectError:
-                        outcome = "refused"  # no listener any more: never accepted
-                    except httpx.HTTPError as exc:
-                        outcome = f"unanswered:{type(exc).__name__}"
-                    with lock:
-                        outcomes.append((request_id, outcome, sent, time.monotonic()))
-                    if outcome == "refused":
-                        return
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        threads = [
+            threading.Thread(target=_stream_slow_requests, args=(server, i, x, outcomes, lock, stop))
+            for i in range(4)
+        ]
         for t in threads:
             t.start()
         server.wait_for(lambda: len(outcomes) >= 8, 60, "requests to flow")
@@ -234,22 +265,7 @@ def test_sigterm_drains_without_losing_accepted_requests(repository: Path) -> No
         stop.set()
         for t in threads:
             t.join(60)
-        log = server.log()
-        taken = {
-            line.split("[")[2].split("]")[0]: line for line in log.splitlines() if "POST /v1/infer" in line
-        }
-        for request_id, outcome, _, _ in outcomes:
-            if outcome.startswith("unanswered"):
-                assert request_id not in taken, (
-                    f"{request_id} was accepted but got no answer: {taken[request_id]}"
-                )
-            elif outcome != "refused":
-                assert request_id in taken, (request_id, outcome)
-        kinds = {o for _, o, _, _ in outcomes}
-        assert kinds <= {"200", "503:draining", "refused"} | {
-            k for k in kinds if k.startswith("unanswered")
-        }, kinds
-        assert "503:draining" in kinds  # new requests were refused while running ones finished
+        _assert_accepted_requests_answered(server.log(), outcomes)
         # Requests running when SIGTERM came were answered, after it, with their results.
         finished_after = [o for _, o, sent, done in outcomes if sent < sigterm_at < done]
         assert finished_after and all(o in {"200", "503:draining"} for o in finished_after), finished_after

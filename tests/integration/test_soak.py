@@ -38,86 +38,111 @@ def _workers_rss(server: Server) -> dict[str, int]:
     }
 
 
+class Traffic:
+    """Inferences in a background thread, each answer judged: right, a documented window, or not."""
+
+    def __init__(self, url: str, body: dict[str, Any], expected: dict[str, Any]) -> None:
+        self.url = url
+        self.body = body
+        self.expected = expected
+        self.stop = threading.Event()
+        self.answers: dict[str, int] = {"ok": 0, "window": 0}
+        self.unexpected: list[str] = []
+        self.wrong: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def check(self, outputs: list[dict[str, Any]], where: str) -> None:
+        for row, out in enumerate(outputs):
+            for name, value in out.items():
+                if not np.allclose(value, self.expected[name][row], rtol=1e-5, atol=1e-6):
+                    self.wrong.append(f"{where}: {name}[{row}]: {value} != {self.expected[name][row]}")
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            for _ in range(MAX_INFERENCES):
+                if self.stop.is_set():
+                    return
+                try:
+                    r = client.post("/v1/infer", json=self.body)
+                    payload = r.json()
+                except (httpx.HTTPError, ValueError) as exc:  # recorded, not lost with the thread
+                    self.unexpected.append(repr(exc))
+                    continue
+                self._judge(r, payload)
+
+    def _judge(self, r: httpx.Response, payload: Any) -> None:
+        if r.status_code == 200:
+            self.answers["ok"] += 1
+            self.check(payload["outputs"], "background")
+            return
+        code = payload.get("error", {}).get("code", "")
+        if (r.status_code, code) in WINDOW_ERRORS:
+            self.answers["window"] += 1
+            time.sleep(0.005)  # what Retry-After asks for, shortened: keep the windows probed
+        else:
+            self.unexpected.append(f"{r.status_code} {r.text[:300]}")
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(60)
+
+
+def _load_infer_unload(c: httpx.Client, traffic: Traffic, cycle: int) -> None:
+    r = c.post("/v1/models/load", json=MODEL)
+    assert r.status_code == 200, f"cycle {cycle}: {r.text}"
+    assert r.json()["state"] == "ready"
+    # Loaded and not yet unloaded (only this thread unloads): it must answer, and right.
+    r = c.post("/v1/infer", json=traffic.body)
+    assert r.status_code == 200, f"cycle {cycle}: {r.text}"
+    traffic.check(r.json()["outputs"], f"cycle {cycle}")
+    r = c.delete("/v1/models/linear/1")
+    assert r.status_code == 200, f"cycle {cycle}: {r.text}"
+
+
+def _assert_gone_then_serves_again(c: httpx.Client, traffic: Traffic) -> None:
+    """The model is gone everywhere, and a final load serves the same answers."""
+    assert c.get("/v1/models/linear/1").status_code == 404
+    assert c.post("/v1/models/load", json=MODEL).status_code == 200
+    final = c.post("/v1/infer", json=traffic.body)
+    assert final.status_code == 200, final.text
+    for row, out in enumerate(final.json()["outputs"]):
+        for name, value in out.items():
+            np.testing.assert_allclose(value, traffic.expected[name][row], rtol=1e-5, atol=1e-6)
+
+
+def _worker_pids(server: Server) -> dict[str, int]:
+    return {name: proc.pid for name, proc in server.processes().items() if name.startswith("worker")}
+
+
 def test_load_unload_cycles_under_inference_leak_nothing(repository: Path) -> None:
     server = Server(repository, workers=2)
     features = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
     expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": features})
     body = {"model_id": "linear", "model_version": "1", "inputs": {"x": features.tolist()}}
-    stop = threading.Event()
-    answers: dict[str, int] = {"ok": 0, "window": 0}
-    unexpected: list[str] = []
-    wrong: list[str] = []
-
-    def check(outputs: list[dict[str, Any]], where: str) -> None:
-        for row, out in enumerate(outputs):
-            for name, value in out.items():
-                if not np.allclose(value, expected[name][row], rtol=1e-5, atol=1e-6):
-                    wrong.append(f"{where}: {name}[{row}]: {value} != {expected[name][row]}")
-
-    def infer_forever() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            for _ in range(MAX_INFERENCES):
-                if stop.is_set():
-                    return
-                try:
-                    r = client.post("/v1/infer", json=body)
-                    payload = r.json()
-                except (httpx.HTTPError, ValueError) as exc:  # recorded, not lost with the thread
-                    unexpected.append(repr(exc))
-                    continue
-                if r.status_code == 200:
-                    answers["ok"] += 1
-                    check(payload["outputs"], "background")
-                    continue
-                code = payload.get("error", {}).get("code", "")
-                if (r.status_code, code) in WINDOW_ERRORS:
-                    answers["window"] += 1
-                    time.sleep(0.005)  # what Retry-After asks for, shortened: keep the windows probed
-                else:
-                    unexpected.append(f"{r.status_code} {r.text[:300]}")
-
-    thread = threading.Thread(target=infer_forever, daemon=True)
+    traffic = Traffic(server.url, body, expected)
     try:
         server.start()
         c = server.client
-        before = {name: proc.pid for name, proc in server.processes().items() if name.startswith("worker")}
-        thread.start()
+        before = _worker_pids(server)
+        traffic.thread.start()
         first_rss: dict[str, int] = {}
         for cycle in range(CYCLES):
-            r = c.post("/v1/models/load", json=MODEL)
-            assert r.status_code == 200, f"cycle {cycle}: {r.text}"
-            assert r.json()["state"] == "ready"
-            # Loaded and not yet unloaded (only this thread unloads): it must answer, and right.
-            r = c.post("/v1/infer", json=body)
-            assert r.status_code == 200, f"cycle {cycle}: {r.text}"
-            check(r.json()["outputs"], f"cycle {cycle}")
-            r = c.delete("/v1/models/linear/1")
-            assert r.status_code == 200, f"cycle {cycle}: {r.text}"
+            _load_infer_unload(c, traffic, cycle)
             if cycle == 0:
                 first_rss = _workers_rss(server)
-        stop.set()
-        thread.join(60)
-        assert not thread.is_alive()
+        traffic.finish()
+        assert not traffic.thread.is_alive()
         last_rss = _workers_rss(server)
 
-        assert unexpected == [], unexpected[:5]
-        assert wrong == [], wrong[:5]
+        assert traffic.unexpected == [], traffic.unexpected[:5]
+        assert traffic.wrong == [], traffic.wrong[:5]
         # No worker died on the way (a restart would also reset its RSS).
-        after = {name: proc.pid for name, proc in server.processes().items() if name.startswith("worker")}
-        assert after == before
+        assert _worker_pids(server) == before
         for name, rss in last_rss.items():
             assert rss <= first_rss[name] * (1 + RSS_TOLERANCE), (name, first_rss[name], rss)
-        # The model is gone everywhere, and a final load serves the same answers.
-        assert c.get("/v1/models/linear/1").status_code == 404
-        assert c.post("/v1/models/load", json=MODEL).status_code == 200
-        final = c.post("/v1/infer", json=body)
-        assert final.status_code == 200, final.text
-        for row, out in enumerate(final.json()["outputs"]):
-            for name, value in out.items():
-                np.testing.assert_allclose(value, expected[name][row], rtol=1e-5, atol=1e-6)
+        _assert_gone_then_serves_again(c, traffic)
     finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(60)
+        traffic.finish()
         server.stop()
     assert server.shm_segments() == []

@@ -121,6 +121,73 @@ def test_other_signatures_stay_queued_in_order() -> None:
     assert [p.item for p in queue.take()] == [1, 3]
 
 
+@pytest.mark.parametrize(
+    ("queued", "cap", "preferred", "want"),
+    [
+        (20, 8, (), 8),  # everything queued, capped by rows
+        (5, 8, (), 5),  # a short queue takes all of it
+        (7, 16, (4, 8), 4),  # 7 can form 4 but not 8
+        (12, 16, (4, 8), 8),  # the largest preferred size that fits
+        (30, 16, (4, 8, 32), 8),  # 32 is over the cap: never formed
+        (3, 16, (4, 8), 3),  # no preferred size formable: what is there
+    ],
+)
+def test_take_cuts_the_largest_formable_preferred_size_else_up_to_the_cap(
+    queued: int, cap: int, preferred: tuple[int, ...], want: int
+) -> None:
+    queue: ModelQueue[int] = ModelQueue(Policy(cap, 10**9, preferred_batch_sizes=preferred))
+    queue.pending.extend(_pending(i, 1) for i in range(queued))
+    assert [p.item for p in queue.take()] == list(range(want))
+    assert [p.item for p in queue.pending] == list(range(want, queued))
+
+
+def test_delay_applies_only_while_the_queue_is_short() -> None:
+    queue: ModelQueue[int] = ModelQueue(Policy(4, 1000))
+    queue.pending.extend(_pending(i, 1, arrival_ns=0) for i in range(3))
+    assert not queue.ready(999)  # 3 of 4 rows: wait for more, until the oldest is due
+    assert queue.ready(1000)
+    queue.pending.append(_pending(3, 1, arrival_ns=900))
+    assert queue.ready(0)  # a full batch runs at once, however recent
+    queue.pending.clear()
+    queue.pending.extend([_pending(0, 3, SIG_B), _pending(1, 2)])
+    assert queue.ready(0)  # 5 rows queued: more than a batch, waiting cannot grow this one
+
+
+def test_preferred_size_is_ready_only_when_formable_by_one_signature() -> None:
+    queue: ModelQueue[int] = ModelQueue(Policy(16, 10**9, preferred_batch_sizes=(4,)))
+    queue.pending.extend([_pending(0, 2), _pending(1, 2, SIG_B), _pending(2, 1)])
+    assert not queue.ready(0)  # 5 rows, but 2 + 1 of the head's signature: no 4
+    queue.pending.append(_pending(3, 1))
+    assert queue.ready(0)
+    assert [p.item for p in queue.take()] == [0, 2, 3]
+    assert [p.item for p in queue.pending] == [1]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    queued=st.integers(1, 80),
+    cap=st.integers(1, 40),
+    preferred=st.lists(st.integers(1, 48), max_size=4, unique=True),
+)
+def test_one_row_requests_batch_like_tritons_dynamic_batcher(
+    queued: int, cap: int, preferred: list[int]
+) -> None:
+    """A backlog of one-row requests: ready at once iff a full or preferred batch is there; the
+    batch is the largest preferred size that fits, else everything up to the cap."""
+    queue: ModelQueue[int] = ModelQueue(Policy(cap, 10**9, preferred_batch_sizes=tuple(sorted(preferred))))
+    queue.pending.extend(_pending(i, 1) for i in range(queued))
+    available = min(queued, cap)
+    formable = [p for p in preferred if p <= available]
+    assert queue.ready(0) == (queued >= cap or bool(formable))
+    assert queue.ready(10**9)  # the oldest is due: whatever is there runs
+    batches = []
+    while queue.pending:
+        batches.append([p.item for p in queue.take()])
+    assert len(batches[0]) == (max(formable) if formable else available)
+    assert [i for b in batches for i in b] == list(range(queued)), "order kept, nothing lost"
+    assert all(len(b) <= cap for b in batches)
+
+
 Op = tuple[str, int, int]  # ("arrive", rows, signature) or ("take", 0, 0)
 
 ops_strategy = st.lists(

@@ -318,7 +318,7 @@ def test_outputs_into_client_regions(world: World) -> None:
         label_ref = next(r for r in reply.outputs if r.name == "label")
         assert (label_ref.segment, label_ref.offset, label_ref.nbytes) == (region.name, 128, 32)
         want = ort_run(world.model_dir / "linear.onnx", {"x": x})
-        np.testing.assert_array_equal(region.array(128, np.dtype("<i8"), (4,)), want["label"])
+        np.testing.assert_array_equal(np.frombuffer(region.view(128, 32), "<i8"), want["label"])
         scores_ref = next(r for r in reply.outputs if r.name == "scores")
         assert scores_ref.segment == world.arena.name
         _assert_linear(world, world.read(reply), x)
@@ -405,8 +405,8 @@ def test_batch_runs_when_full_and_caps_rows(world: World) -> None:
         slots += s
         replies += [r for _, r in world.engine.submit(b"f1", request)]
     replies += [r for _, r in world.engine.flush(force=True)]
-    # 3+1 fill the cap at the second submit; 2 waits until 9 arrives, which cannot join it (11 > 4):
-    # the 2 runs as it is and the 9, over the cap, runs alone.
+    # Submitting only queues; the flush cuts 3+1 (the cap), then the 2, which the 9 cannot join
+    # (11 > 4), and the 9, over the cap, alone.
     assert [r.batch_rows for r in replies] == [4, 4, 2, 9]
     by_seq = {r.seq: r for r in replies}
     for seq, x in enumerate(xs, start=1):
@@ -414,6 +414,37 @@ def test_batch_runs_when_full_and_caps_rows(world: World) -> None:
         assert reply.status == Status.OK, reply.error
         _assert_linear(world, world.read(reply), x)
     assert world.engine.executed_batches == {4: 1, 2: 1, 9: 1}
+    world.free(slots)
+
+
+def test_backlog_is_one_batch_even_without_a_delay(world: World) -> None:
+    """Requests already sent are all queued before a batch is cut: with no delay at all, 20
+    one-row requests drained together become batches of the cap, one per flush."""
+    world.load(LINEAR, "linear.onnx", BatchConfig(max_batch_size=8, max_queue_delay_us=0))
+    xs = [_x(1, 50 + i) for i in range(20)]
+    slots: list[Slot] = []
+    requests = []
+    for x in xs:
+        request, s = world.request(LINEAR, {"x": x})
+        slots += s
+        requests.append(request)
+        assert world.engine.submit(b"f1", request) == []
+    assert world.engine.ready_now()
+    sizes = []
+    replies: dict[int, InferReply] = {}
+    for _ in range(5):  # bounded: 20 rows need 3 flushes
+        out = world.engine.flush()
+        if not out:
+            break
+        sizes.append(len(out))
+        replies.update((r.seq, r) for _, r in out)
+    assert sizes == [8, 8, 4]
+    assert world.engine.executed_batches == {8: 2, 4: 1}
+    for request, x in zip(requests, xs, strict=True):
+        reply = replies[request.seq]
+        assert reply.status == Status.OK, reply.error
+        _assert_linear(world, world.read(reply), x)
+    assert world.pins(LINEAR) == 0
     world.free(slots)
 
 
