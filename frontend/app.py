@@ -16,6 +16,7 @@ from model_server.settings import Settings, get_settings
 
 from . import auth, errors, v1, v2
 from .fastpath import InferenceFastPath
+from .grpc_server import GrpcFrontend
 from .middleware import Activity, RequestContextMiddleware
 from .service import Service
 
@@ -43,9 +44,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "frontend ready (arena %s, %d bytes)", service.dispatcher.arena.name, settings.shm_arena_bytes
         )
+        grpc = await _start_grpc(settings, service, app)
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop()
             await service.close()
 
     app = FastAPI(
@@ -64,6 +68,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = auth.AuthPolicy(settings)  # reads the token files; a bad token fails here
     auth.install_openapi(app, app.state.auth)
     return app
+
+
+async def _start_grpc(settings: Settings, service: Service, app: FastAPI) -> GrpcFrontend | None:
+    """The gRPC listener beside uvicorn (frontend/grpc_server.py), unless MODEL_SERVER_GRPC_PORT=0."""
+    if not settings.grpc_port:
+        return None
+    grpc = GrpcFrontend(settings, service, app.state.activity, app.state.auth)
+    await grpc.start()
+    return grpc
 
 
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
