@@ -139,11 +139,18 @@ def typed_input(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int])
         items = np.empty(len(values), dtype=object)
         items[:] = list(values)
         return CallInput(tensor.name, "BYTES", shape, raw=datatypes.serialize_bytes(items))
-    try:
-        array = np.array(values, dtype=datatypes.numpy_dtype(tensor.datatype)).reshape(shape)
-    except (OverflowError, ValueError) as exc:
-        raise bad(f"{where}: {exc}") from None
-    return CallInput(tensor.name, tensor.datatype, shape, array=array)
+    dtype = datatypes.numpy_dtype(tensor.datatype)
+    if dtype.kind not in "iu":
+        return CallInput(
+            tensor.name, tensor.datatype, shape, array=np.array(values, dtype=dtype).reshape(shape)
+        )
+    # INT8/16 and UINT8/16 travel in 32-bit fields: a value that does not fit is the client's
+    # error, not something to wrap around silently.
+    wide = np.array(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)  # type: ignore[type-var]  # an integer dtype: kind checked above
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise bad(f"{where}: a value of {field} is out of range for {tensor.datatype}")
+    return CallInput(tensor.name, tensor.datatype, shape, array=wide.astype(dtype).reshape(shape))
 
 
 def decode_inputs(request: pb.ModelInferRequest, shm_enabled: bool) -> list[CallInput]:

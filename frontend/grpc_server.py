@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_PERIOD_S = 1.0  # how often the health service re-reads readiness (what /ready answers)
+HEALTH_TICK_S = 0.1  # how soon it reports a drain
 # Unary RPCs in flight were already awaited by the drain (they count as activity); what is
 # left at stop are streams waiting for their next message, which get this long to end.
 STOP_GRACE_S = 1.0
@@ -158,21 +159,31 @@ class GrpcFrontend:
             await self.server.stop(STOP_GRACE_S)
 
     async def _watch_health(self) -> None:
-        """SERVING while the frontend is ready (what ``/ready`` says), NOT_SERVING while draining."""
-        serving, not_serving = (
-            health_pb2.HealthCheckResponse.SERVING,
-            health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
+        """SERVING while the frontend is ready (what ``/ready`` says), NOT_SERVING from the moment
+        a drain starts: readiness is asked every HEALTH_PERIOD_S, the drain flag every tick."""
+        serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("live", serving)
+        shown: bool | None = None
+        ready, asked = False, -HEALTH_PERIOD_S
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                _, ok = await readiness(self.service)
-            except Exception:  # a probe must not die with the coordinator: report not ready
-                log.exception("readiness for the gRPC health service failed")
-                ok = False
-            for name in ("", SERVICE_NAME):
-                await self.health.set(name, serving if ok else not_serving)
-            await asyncio.sleep(HEALTH_PERIOD_S)
+            if not self.service.draining and loop.time() - asked >= HEALTH_PERIOD_S:
+                ready, asked = await self._ready(), loop.time()
+            ok = ready and not self.service.draining
+            if ok is not shown:
+                status = serving if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, status)
+                shown = ok
+            await asyncio.sleep(HEALTH_TICK_S)
+
+    async def _ready(self) -> bool:
+        try:
+            _, ok = await readiness(self.service)
+        except Exception:  # a probe must not die with the coordinator: report not ready
+            log.exception("readiness for the gRPC health service failed")
+            return False
+        return ok
 
     # --- the handlers -------------------------------------------------------------------------
     def _handlers(self) -> Any:

@@ -7,6 +7,9 @@ import contextlib
 import io
 import re
 import secrets
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -396,3 +399,84 @@ def test_tokens_and_scopes(secured: Server, repository: Path) -> None:
         assert c.is_model_ready("linear", headers={"authorization": f"Bearer {INFER}"})
         c.unload_model("linear", headers={"authorization": f"Bearer {ADMIN}"})
         assert not c.is_model_ready("linear", headers={"authorization": f"Bearer {ADMIN}"})
+
+
+# --- drain --------------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_grpc_like_http(repository: Path) -> None:
+    """RPCs running when SIGTERM comes are answered with their results, new ones get UNAVAILABLE
+    "server is draining", the health service turns NOT_SERVING, and the process exits 0."""
+    server = Server(repository, workers=2, MODEL_SERVER_DRAIN_SECONDS=20, MODEL_SERVER_FRONTEND_PROCESSES=1)
+    try:
+        server.start()
+        loaded = server.client.post("/v1/models/load", json={"model_id": "slow", "version": "1"})
+        assert loaded.status_code == 200, loaded.text
+        x = np.ones((64, 1024), dtype=np.float32) / 3  # a second or so each: the drain has RPCs to wait for
+        expected = ort_run(repository / "slow" / "1" / "model.onnx", {"x": x})
+        outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at)
+        health: list[int] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def send(worker: int) -> None:
+            with contextlib.closing(tg.InferenceServerClient(url=server.grpc_url)) as c:
+                for _ in range(300):
+                    if stop.is_set():
+                        return
+                    sent = time.monotonic()
+                    try:
+                        result = c.infer("slow", [_input("x", x)], client_timeout=60)
+                        np.testing.assert_allclose(result.as_numpy("y"), expected["y"], rtol=1e-5)
+                        outcome = "ok"
+                    except InferenceServerException as exc:
+                        draining = "server is draining" in str(exc.message())
+                        outcome = "draining" if draining else f"gone:{exc.status()}"
+                    with lock:
+                        outcomes.append((outcome, sent, time.monotonic()))
+                    if outcome.startswith("gone"):
+                        return
+
+        def probe() -> None:
+            with grpc.insecure_channel(server.grpc_url) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for _ in range(2000):
+                    try:
+                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    except grpc.RpcError:
+                        return
+                    health.append(reply.status)
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)] + [
+            threading.Thread(target=probe)
+        ]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: len(outcomes) >= 6, 60, "RPCs to flow")
+        assert server.proc is not None
+        sigterm_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(60)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        timeline = [
+            (o, round(sent - sigterm_at, 3), round(done - sigterm_at, 3)) for o, sent, done in outcomes
+        ]
+        # Sent before SIGTERM: answered, with the result or (arriving once the drain began) 503.
+        before = {o for o, sent, _ in outcomes if sent < sigterm_at}
+        assert before and before <= {"ok", "draining"}, timeline
+        # Sent after: the same, or never taken (the listener had stopped; a call in the
+        # transport when it stopped is cancelled by gRPC before any handler saw it).
+        after = {o for o, sent, _ in outcomes if sent >= sigterm_at}
+        assert after <= {"ok", "draining", "gone:StatusCode.UNAVAILABLE", "gone:StatusCode.CANCELLED"}, (
+            timeline
+        )
+        finished_after = [o for o, sent, done in outcomes if sent < sigterm_at < done]
+        assert "ok" in finished_after, timeline  # running when SIGTERM came: answered with its result
+        assert health[0] == health_pb2.HealthCheckResponse.SERVING
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in health
+        assert server.proc.returncode == 0
+    finally:
+        server.stop()
