@@ -326,11 +326,26 @@ def test_grpc_health_checking_protocol(gserver: Server) -> None:
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_metrics_count_grpc_requests(client: tg.InferenceServerClient, gserver: Server) -> None:
+def test_metrics_and_statistics_count_grpc_requests(
+    client: tg.InferenceServerClient, gserver: Server
+) -> None:
+    before = client.get_inference_statistics("linear", "1", as_json=True)["model_stats"][0]
     x = np.ones((2, 3), dtype=np.float32)
-    client.infer("linear", [_input("x", x)])
+    for _ in range(3):
+        client.infer("linear", [_input("x", x)])
+    after = client.get_inference_statistics("linear", "1", as_json=True)["model_stats"][0]
+    assert (after["name"], after["version"]) == ("linear", "1")
+    success = int(after["inference_stats"]["success"]["count"]) - int(
+        before["inference_stats"]["success"]["count"]
+    )
+    assert success == 3
+    assert int(after["inference_count"]) - int(before["inference_count"]) == 3 * 2
+    everything = {
+        (m["name"], m["version"]) for m in client.get_inference_statistics(as_json=True)["model_stats"]
+    }
+    assert {("linear", "1"), ("multi", "1"), ("types", "1")} <= everything
     text = gserver.client.get("/metrics").text
-    assert re.search(r'protocol="grpc"', text), text[:2000]
+    assert re.search(r'model_server_requests_total\{[^}]*protocol="grpc"[^}]*\} [1-9]', text), text[:3000]
 
 
 def test_readme_grpc_example_runs(gserver: Server, repository: Path) -> None:
