@@ -419,6 +419,47 @@ def test_tokens_and_scopes(secured: Server, repository: Path) -> None:
 # --- drain --------------------------------------------------------------------------------------------
 
 
+class DrainLoad:
+    """Clients that keep inferring on the slow model, and a health prober, until told to stop."""
+
+    def __init__(self, url: str, x: np.ndarray, expected: np.ndarray) -> None:
+        self.url, self.x, self.expected = url, x, expected
+        self.outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at)
+        self.health: list[int] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def _one(self, c: tg.InferenceServerClient) -> str:
+        try:
+            result = c.infer("slow", [_input("x", self.x)], client_timeout=60)
+        except InferenceServerException as exc:
+            return "draining" if "server is draining" in str(exc.message()) else f"gone:{exc.status()}"
+        return "ok" if np.allclose(result.as_numpy("y"), self.expected, rtol=1e-5) else "wrong"
+
+    def send(self) -> None:
+        with contextlib.closing(tg.InferenceServerClient(url=self.url)) as c:
+            for _ in range(300):
+                if self.stop.is_set():
+                    return
+                sent = time.monotonic()
+                outcome = self._one(c)
+                with self.lock:
+                    self.outcomes.append((outcome, sent, time.monotonic()))
+                if outcome.startswith("gone"):
+                    return
+
+    def probe(self) -> None:
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(2000):
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                except grpc.RpcError:
+                    return
+                self.health.append(reply.status)
+                time.sleep(0.02)
+
+
 def test_sigterm_drains_grpc_like_http(repository: Path) -> None:
     """RPCs running when SIGTERM comes are answered with their results, new ones get UNAVAILABLE
     "server is draining", the health service turns NOT_SERVING, and the process exits 0."""
@@ -428,54 +469,21 @@ def test_sigterm_drains_grpc_like_http(repository: Path) -> None:
         loaded = server.client.post("/v1/models/load", json={"model_id": "slow", "version": "1"})
         assert loaded.status_code == 200, loaded.text
         x = np.ones((64, 1024), dtype=np.float32) / 3  # a second or so each: the drain has RPCs to wait for
-        expected = ort_run(repository / "slow" / "1" / "model.onnx", {"x": x})
-        outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at)
-        health: list[int] = []
-        lock = threading.Lock()
-        stop = threading.Event()
-
-        def send(worker: int) -> None:
-            with contextlib.closing(tg.InferenceServerClient(url=server.grpc_url)) as c:
-                for _ in range(300):
-                    if stop.is_set():
-                        return
-                    sent = time.monotonic()
-                    try:
-                        result = c.infer("slow", [_input("x", x)], client_timeout=60)
-                        np.testing.assert_allclose(result.as_numpy("y"), expected["y"], rtol=1e-5)
-                        outcome = "ok"
-                    except InferenceServerException as exc:
-                        draining = "server is draining" in str(exc.message())
-                        outcome = "draining" if draining else f"gone:{exc.status()}"
-                    with lock:
-                        outcomes.append((outcome, sent, time.monotonic()))
-                    if outcome.startswith("gone"):
-                        return
-
-        def probe() -> None:
-            with grpc.insecure_channel(server.grpc_url) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                for _ in range(2000):
-                    try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    except grpc.RpcError:
-                        return
-                    health.append(reply.status)
-                    time.sleep(0.02)
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)] + [
-            threading.Thread(target=probe)
+        load = DrainLoad(server.grpc_url, x, ort_run(repository / "slow" / "1" / "model.onnx", {"x": x})["y"])
+        threads = [threading.Thread(target=load.send) for _ in range(3)] + [
+            threading.Thread(target=load.probe)
         ]
         for t in threads:
             t.start()
-        server.wait_for(lambda: len(outcomes) >= 6, 60, "RPCs to flow")
+        server.wait_for(lambda: len(load.outcomes) >= 6, 60, "RPCs to flow")
         assert server.proc is not None
         sigterm_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(60)
-        stop.set()
+        load.stop.set()
         for t in threads:
             t.join(60)
+        outcomes = load.outcomes
         timeline = [
             (o, round(sent - sigterm_at, 3), round(done - sigterm_at, 3)) for o, sent, done in outcomes
         ]
@@ -490,8 +498,8 @@ def test_sigterm_drains_grpc_like_http(repository: Path) -> None:
         )
         finished_after = [o for o, sent, done in outcomes if sent < sigterm_at < done]
         assert "ok" in finished_after, timeline  # running when SIGTERM came: answered with its result
-        assert health[0] == health_pb2.HealthCheckResponse.SERVING
-        assert health_pb2.HealthCheckResponse.NOT_SERVING in health
+        assert load.health[0] == health_pb2.HealthCheckResponse.SERVING
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in load.health
         assert server.proc.returncode == 0
     finally:
         server.stop()
