@@ -251,6 +251,7 @@ async def _abort(context: Any, name: str, exc: Exception) -> None:
         log.error("unhandled error in gRPC %s", name, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         return
-    if known.retry_after is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, round(known.retry_after)))),))
-    await context.abort(grpc_status(known.status), known.message)
+    trailing: tuple[tuple[str, str], ...] = ()
+    if known.retry_after is not None:  # as REST's Retry-After header
+        trailing = (("retry-after", str(max(1, round(known.retry_after)))),)
+    await context.abort(grpc_status(known.status), known.message, trailing_metadata=trailing)
