@@ -232,9 +232,19 @@ class GrpcFrontend:
 
     async def _stream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         """``ModelStreamInfer``: requests answered in order; each counts as activity while it runs,
-        an idle stream does not (the drain does not wait for a client that keeps one open)."""
+        an idle stream does not (the drain does not wait for a client that keeps one open), and is
+        closed after MODEL_SERVER_GRPC_STREAM_IDLE_S."""
         await self._enter("ModelStreamInfer", context)
-        async for request in requests:
+        idle = self.settings.grpc_stream_idle_s
+        pending = aiter(requests)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(pending), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                message = f"stream idle for {idle:g} s (MODEL_SERVER_GRPC_STREAM_IDLE_S): closed"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
             self.activity.active += 1
             try:
                 response = await self.rpc.stream_one(request, context.time_remaining())

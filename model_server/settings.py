@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         ge=1,
         description="RPCs one frontend process serves at once; more are refused with RESOURCE_EXHAUSTED.",
     )
+    grpc_stream_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A `ModelStreamInfer` stream that sends no request for this long is closed "
+        "(DEADLINE_EXCEEDED), so an idle client does not hold one of the concurrent RPCs.",
+    )
 
     # --- process layout -------------------------------------------------------
     frontend_processes: int = Field(

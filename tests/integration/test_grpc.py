@@ -40,6 +40,7 @@ def gserver(repository: Path) -> Iterator[Server]:
         workers=2,
         MODEL_SERVER_ALLOW_CLIENT_SHM="true",
         MODEL_SERVER_GRPC_MAX_MESSAGE_BYTES=MESSAGE_LIMIT,
+        MODEL_SERVER_GRPC_STREAM_IDLE_S=2,
         MODEL_SERVER_ALLOWED_LOCAL_ROOTS=repository.parent,
     )
     try:
@@ -183,6 +184,27 @@ def test_stream_infer(client: tg.InferenceServerClient, repository: Path) -> Non
         np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
     assert [got[0][0].get_response().id, got[2][0].get_response().id] == ["s1", "s3"]
     assert "datatype FP64 does not match" in got[1][1].message()
+
+
+def test_an_idle_stream_is_closed(gserver: Server) -> None:
+    """A stream that sends nothing does not hold one of the concurrent RPCs for ever."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    release = threading.Event()
+
+    def nothing() -> Iterator[Any]:
+        release.wait(60)  # sends no request; ends once the test is done
+        yield from ()
+
+    with grpc.insecure_channel(gserver.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.ModelStreamInfer(nothing(), timeout=60))
+        finally:
+            release.set()
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "MODEL_SERVER_GRPC_STREAM_IDLE_S" in str(exc.value.details())
 
 
 def test_classification(client: tg.InferenceServerClient, repository: Path) -> None:
