@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from ipc import client_shm
-from ipc.messages import ModelEntry, ShmRegion
+from ipc.messages import ModelEntry, ShmRegion, TensorSpec
 from model_server import __version__, naming
 from model_server.logs import request_id_var
 from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
@@ -103,15 +103,9 @@ class InferenceService:
         config = mc.ModelConfig(
             name=entry.model_id, platform=PLATFORM, backend="onnxruntime", max_batch_size=max_batch
         )
-        for specs, add in (
-            ((schema.inputs, config.input.add), (schema.outputs, config.output.add)) if schema else ()
-        ):
-            for t in specs:
-                add(
-                    name=t.name,
-                    data_type=mc.DataType.Value(TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}")),
-                    dims=t.shape[1:] if max_batch else t.shape,
-                )
+        if schema is not None:
+            _config_io(config.input, schema.inputs, max_batch)
+            _config_io(config.output, schema.outputs, max_batch)
         if max_batch:
             config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
             config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
@@ -269,6 +263,16 @@ class InferenceService:
         self._require_shm()
         await self.service.coordinator.unregister_region(request.name)  # "": every region, as REST
         return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def _config_io(where: Any, specs: list[TensorSpec], max_batch: int) -> None:
+    """Inputs or outputs of a Triton model config: dims without the batch dimension when batched."""
+    for t in specs:
+        where.add(
+            name=t.name,
+            data_type=mc.DataType.Value(TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}")),
+            dims=t.shape[1:] if max_batch else t.shape,
+        )
 
 
 def _repository_parameters(params: Any) -> dict[str, Any]:
