@@ -434,6 +434,10 @@ def test_tokens_and_scopes(secured: Server, repository: Path) -> None:
             c.unload_model("linear", headers={"authorization": f"Bearer {INFER}"})
         assert _code(exc) == "StatusCode.PERMISSION_DENIED"
         assert c.is_model_ready("linear", headers={"authorization": f"Bearer {INFER}"})
+        # Client shared memory is off on this server (the default): UNIMPLEMENTED, naming the setting.
+        with pytest.raises(InferenceServerException, match="MODEL_SERVER_ALLOW_CLIENT_SHM") as exc:
+            c.get_system_shared_memory_status(headers={"authorization": f"Bearer {INFER}"})
+        assert _code(exc) == "StatusCode.UNIMPLEMENTED"
         c.unload_model("linear", headers={"authorization": f"Bearer {ADMIN}"})
         assert not c.is_model_ready("linear", headers={"authorization": f"Bearer {ADMIN}"})
 
