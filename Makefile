@@ -6,7 +6,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 
-.PHONY: install serve test lint typecheck unit integration contract bench lock clean
+.PHONY: install serve test lint typecheck unit integration contract bench lock clean grpc-proto
 
 install: $(STAMP)
 
@@ -52,3 +52,11 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerates frontend/grpc/ (checked in) from the KServe V2 / Triton protocol in tritonclient.
+GRPC_OUT := frontend/grpc
+grpc-proto: install
+	$(PY) tools/triton_protoset.py $(GRPC_OUT)/triton.protoset
+	$(PY) -m grpc_tools.protoc --descriptor_set_in=$(GRPC_OUT)/triton.protoset --python_out=$(GRPC_OUT) \
+		--pyi_out=$(GRPC_OUT) --grpc_python_out=$(GRPC_OUT) model_config.proto grpc_service.proto
+	sed -i -E 's/^import (model_config_pb2|grpc_service_pb2) as/from . import \1 as/' $(GRPC_OUT)/*_pb2*.py $(GRPC_OUT)/*.pyi

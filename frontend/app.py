@@ -23,6 +23,7 @@ from . import auth, v1, v2
 from .coordinator_client import CoordinatorUnavailable
 from .errors import ApiError, error_response, render
 from .fastpath import InferenceFastPath
+from .grpc_server import GrpcFrontend
 from .middleware import Activity, RequestContextMiddleware
 from .service import Service
 
@@ -50,9 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "frontend ready (arena %s, %d bytes)", service.dispatcher.arena.name, settings.shm_arena_bytes
         )
+        grpc = await _start_grpc(settings, service, app)
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop()
             await service.close()
 
     app = FastAPI(title="Model Server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -63,6 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = auth.AuthPolicy(settings)  # reads the token files; a bad token fails here
     auth.install_openapi(app, app.state.auth)
     return app
+
+
+async def _start_grpc(settings: Settings, service: Service, app: FastAPI) -> GrpcFrontend | None:
+    """The gRPC listener beside uvicorn (frontend/grpc_server.py), unless MODEL_SERVER_GRPC_PORT=0."""
+    if not settings.grpc_port:
+        return None
+    grpc = GrpcFrontend(settings, service, app.state.activity, app.state.auth)
+    await grpc.start()
+    return grpc
 
 
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:

@@ -60,15 +60,18 @@ def inference_body(
 
 async def ready(request: Request) -> Response:
     """200 when the coordinator answers, a worker is alive and every start-up model is loaded and warm."""
-    service = service_of(request)
+    body, ok = await readiness(service_of(request))
+    return json_response(body, 200 if ok else 503)
+
+
+async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
+    """What ``/ready`` answers, and whether it is ready (the gRPC health service asks the same)."""
     if service.draining:
-        return json_response(
-            {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, 503
-        )
+        return {"ready": False, "reasons": ["server is draining"], "models": 0, "workers": 0}, False
     try:
         reply = await service.coordinator.refresh(timeout=min(1.0, service.settings.coordinator_timeout_s))
     except CoordinatorUnavailable as exc:
-        return json_response({"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, 503)
+        return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
     table = reply.table
     assert table is not None
     body = {
@@ -77,7 +80,7 @@ async def ready(request: Request) -> Response:
         "models": sum(1 for m in table.models if m.state == "ready"),
         "workers": sum(1 for w in table.workers if w.alive),
     }
-    return json_response(body, 200 if table.ready else 503)
+    return body, table.ready
 
 
 def route_pair(

@@ -57,6 +57,33 @@ class Settings(BaseSettings):
         description="S3 bucket holding `models/<model_id>/<version>/` when `registry_uri` is omitted.",
     )
 
+    grpc_port: int = Field(
+        8002,
+        ge=0,
+        le=65535,
+        description="gRPC port of the frontends (KServe V2 / Triton `inference.GRPCInferenceService` and "
+        "`grpc.health.v1`), on `MODEL_SERVER_HOST`, shared by the frontend processes (SO_REUSEPORT); "
+        "0 turns gRPC off.",
+    )
+    grpc_max_message_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above), like "
+        "`MODEL_SERVER_MAX_REQUEST_BYTES` for HTTP bodies.",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        description="RPCs one frontend process serves at once; more are refused with RESOURCE_EXHAUSTED.",
+    )
+    grpc_stream_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A `ModelStreamInfer` stream that sends no request for this long is closed "
+        "(DEADLINE_EXCEEDED), so an idle client does not hold one of the concurrent RPCs.",
+    )
+
     # --- process layout -------------------------------------------------------
     frontend_processes: int = Field(
         2, ge=1, le=64, description="HTTP frontend processes sharing the port (SO_REUSEPORT)."

@@ -38,6 +38,10 @@ class Server:
         self.instance = f"t{os.getpid()}{self.run_dir.name[-6:]}".replace("_", "")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A port of its own even for tests that never speak gRPC: two servers on one
+        # SO_REUSEPORT port would take each other's connections.
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.repository = repository
         self.log_path = self.run_dir / "server.log"
         self.env = {
@@ -45,6 +49,7 @@ class Server:
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             "MODEL_SERVER_HOST": "127.0.0.1",
             "MODEL_SERVER_PORT": str(self.port),
+            "MODEL_SERVER_GRPC_PORT": str(self.grpc_port),
             "MODEL_SERVER_WORKERS": str(workers),
             "MODEL_SERVER_RUN_DIR": str(self.run_dir),
             "MODEL_SERVER_INSTANCE": self.instance,
