@@ -1,0 +1,251 @@
+"""Numeric JSON tensor data straight into numpy, without a Python object per element.
+
+The slow path (``v2_codec.json_array``, ``records.coerce``) lets orjson build a
+Python float or int per element and numpy convert the nested lists: for a
+150,528-value image that is most of a request's CPU. ``decode_numeric`` takes
+the raw JSON text of a ``data`` value instead and, when the shape is known:
+
+1. finds the commas and brackets with vectorised byte compares; every comma
+   ends one element, so the elements are the text between commas;
+2. checks the brackets sit exactly where a flat list or a nesting that matches
+   the shape puts them, by counting the ``[`` and ``]`` before and after each
+   element;
+3. hands the elements, as one Arrow string array over the request's own bytes
+   (no copy), to Arrow's C number parser after trimming brackets and
+   whitespace, and checks the strict JSON number grammar (leading zeros,
+   ``.5``, ``5.``, ``+1``, ``inf``/``nan``, hex) on the trimmed bytes that
+   Arrow's parser would otherwise accept.
+
+pyarrow earns its place because its string-to-number casts are in C and
+correctly rounded (fast_float, the same algorithm as C++ ``from_chars``): numpy's
+own text parsers (``fromstring``, ``loadtxt``) call Python's ``strtod`` per
+element and are slower than orjson.
+
+The result is bit-identical to the slow path's: the slow path makes a float64
+array when any element has a fraction or exponent (and an int64 array when none
+has), then casts to the tensor's dtype; this module parses to the same
+intermediate and casts the same way. Whatever it cannot decode for certain
+(a rejected value, a string, ``null``, ragged or differently nested lists,
+integers written as floats, values outside int64 or float64) gives ``None``, and
+the caller runs the slow path, which produces the error message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ipc import datatypes
+
+Array = npt.NDArray[Any]
+Bytes = npt.NDArray[np.uint8]
+
+_COMMA, _OPEN, _CLOSE = ord(","), ord("["), ord("]")
+_MINUS, _PLUS, _DOT, _ZERO, _E_LOWER = ord("-"), ord("+"), ord("."), ord("0"), ord("e")
+_LEADING = "[ \t\n\r"  # before an element: its list openings and whitespace
+_TRAILING = "], \t\n\r"  # after an element: list closings, whitespace and the comma
+_SPACE = ord(" ")  # JSON whitespace is space, tab, newline and carriage return: all at or below it
+_MAX_TEXT = 2**31 - 1  # Arrow string offsets are int32
+
+
+def decode_numeric(
+    raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, flat_ok: bool = True
+) -> Array | None:
+    """The ``datatype`` array of ``shape`` from the raw JSON text of a ``data`` value, or None.
+
+    ``raw`` is a flat list, or nested lists whose nesting matches ``shape``
+    (``flat_ok=False`` takes only the nested form, as v1 named tensors, whose
+    shape comes from the nesting). A negative first dimension is the batch
+    size, read from the element count. None means: use the slow path.
+    """
+    if datatype not in datatypes.SUPPORTED or datatype == "BYTES" or len(raw) > _MAX_TEXT:
+        return None
+    text = np.frombuffer(raw, dtype=np.uint8)
+    commas = np.flatnonzero(text == _COMMA)
+    dims = _dims(shape, len(commas) + 1)
+    lists = None if dims is None else _lists(text, commas, dims, flat_ok)
+    if dims is None or lists is None:
+        return None
+    elements = _elements(raw, text, commas, lists)
+    dtype = datatypes.OIP_TO_NUMPY[datatype]
+    flat = _bools(elements) if datatype == "BOOL" else _numbers(elements, dtype)
+    if flat is None:
+        return None
+    return flat.reshape(dims)
+
+
+def _dims(shape: Sequence[int], count: int) -> tuple[int, ...] | None:
+    """``shape`` with a negative first dimension filled in from ``count``; None if it cannot hold it."""
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims[1:]):
+        return None
+    if dims and dims[0] < 0:
+        row = math.prod(dims[1:])
+        if row == 0 or count % row:
+            return None
+        dims = (count // row, *dims[1:])
+    # Zero elements (``[]``, ``[[], []]``) are left to the slow path: they carry no numbers to parse.
+    return dims if math.prod(dims) == count else None
+
+
+def _lists(text: Bytes, commas: npt.NDArray[np.intp], dims: tuple[int, ...], flat_ok: bool) -> int | None:
+    """How many lists the text opens, if its brackets sit where a flat list or ``dims`` nesting puts them.
+
+    Element ``i`` is the text after comma ``i - 1`` up to and including comma ``i``.
+    Counting brackets per element is enough: ``_elements`` trims openings only
+    from an element's start and closings only from its end, so one anywhere
+    else leaves a bracket in the number and the parse fails.
+    """
+    positions = np.flatnonzero((text == _OPEN) | (text == _CLOSE))
+    opening = text[positions] == _OPEN
+    element = np.searchsorted(commas, positions)  # commas before each bracket
+    opens, closes = element[opening], element[~opening]
+    count = len(commas) + 1
+    if len(opens) == 1 and (flat_ok or len(dims) == 1) and dims:
+        flat = len(closes) == 1 and opens[0] == 0 and closes[0] == count - 1
+        return 1 if flat else None
+    lists = sum(math.prod(dims[:depth]) for depth in range(len(dims)))
+    if len(opens) != lists:
+        return None
+    want_opens, want_closes = _nesting(dims)
+    return lists if np.array_equal(opens, want_opens) and np.array_equal(closes, want_closes) else None
+
+
+def _nesting(dims: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """For nested lists of ``dims``: the element each list opens on and closes on, sorted."""
+    starts: list[npt.NDArray[np.intp]] = []
+    ends: list[npt.NDArray[np.intp]] = []
+    for depth in range(len(dims)):
+        lists, size = math.prod(dims[:depth]), math.prod(dims[depth:])
+        first = np.arange(lists, dtype=np.intp) * size
+        starts.append(first)
+        ends.append(first + (size - 1))
+    if not starts:
+        empty = np.empty(0, dtype=np.intp)
+        return empty, empty
+    return np.sort(np.concatenate(starts)), np.sort(np.concatenate(ends))
+
+
+def _elements(
+    raw: bytes | memoryview, text: Bytes, commas: npt.NDArray[np.intp], lists: int
+) -> pa.StringArray:
+    """Each element's text, brackets, whitespace and comma trimmed, as Arrow strings."""
+    offsets = np.empty(len(commas) + 2, dtype=np.int32)
+    offsets[0] = 0
+    offsets[1:-1] = commas + 1
+    offsets[-1] = len(raw)
+    # A flat list without whitespace (what clients send) has one opening, before the first element:
+    # starting past it saves a pass that trims every element's start.
+    skip_opening = lists == 1 and text[0] == _OPEN and not (text <= _SPACE).any()
+    offsets[0] = 1 if skip_opening else 0
+    # A view over the request's bytes: the comma stays at each element's end until the trim.
+    pieces = pa.StringArray.from_buffers(len(commas) + 1, pa.py_buffer(offsets), pa.py_buffer(raw))
+    if not skip_opening:
+        pieces = pc.ascii_ltrim(pieces, _LEADING)
+    trimmed: pa.StringArray = pc.ascii_rtrim(pieces, _TRAILING)
+    return trimmed
+
+
+def _buffers(elements: pa.StringArray) -> tuple[npt.NDArray[np.intp], Bytes]:
+    """The offsets and bytes of ``elements``, rebased so the first element starts at 0."""
+    _, offsets, data = elements.buffers()
+    view = np.frombuffer(offsets, dtype=np.int32)[elements.offset : elements.offset + len(elements) + 1]
+    starts = view.astype(np.intp) - view[0]  # numpy gathers faster with native indices
+    if data is None:
+        return starts, np.empty(0, dtype=np.uint8)
+    # Arrow pads buffers: only the bytes the offsets cover are the elements.
+    chars = np.frombuffer(data, dtype=np.uint8)[view[0] : view[-1]]
+    return starts, chars
+
+
+def _bools(elements: pa.StringArray) -> Array | None:
+    true = pc.equal(elements, "true")
+    if not pc.all(pc.or_(true, pc.equal(elements, "false"))).as_py():
+        return None  # 0/1 (v1 takes them), numbers, null: the slow path decides
+    flat: Array = true.to_numpy(zero_copy_only=False)
+    return flat
+
+
+def _numbers(elements: pa.StringArray, dtype: np.dtype[Any]) -> Array | None:
+    offsets, chars = _buffers(elements)
+    integral = _json_numbers(offsets, chars)
+    if integral is None:
+        return None
+    try:
+        if integral:
+            # No fraction or exponent anywhere: the slow path's probe is int64 (orjson ints).
+            probe = pc.cast(elements, pa.int64()).to_numpy()
+            return _from_ints(probe, dtype)
+        if dtype.kind in "iu":
+            return None  # integers written as floats: rare, and the slow path's checks decide
+        probe = pc.cast(elements, pa.float64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # out of int64 range, or not a number after all
+    if not np.isfinite(probe).all():
+        return None  # orjson rejects 1e400 where Arrow gives inf
+    negative_zero = _integer_negative_zero(offsets, chars)
+    if negative_zero.any():
+        probe = probe.copy()
+        probe[negative_zero] = 0.0
+    flat: Array = probe.astype(dtype)
+    return flat
+
+
+def _from_ints(probe: npt.NDArray[np.int64], dtype: np.dtype[Any]) -> Array | None:
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype.type)
+        if probe.min() < info.min or probe.max() > info.max:
+            return None
+    flat: Array = probe.astype(dtype)
+    return flat
+
+
+def _is_digit(chars: Bytes) -> npt.NDArray[np.bool_]:
+    result: npt.NDArray[np.bool_] = (chars - np.uint8(_ZERO)) < 10
+    return result
+
+
+def _json_numbers(offsets: npt.NDArray[np.intp], chars: Bytes) -> bool | None:
+    """Whether every element is a JSON integer (True) or JSON number (False); None if one is neither.
+
+    Arrow's parser is strict about the characters (``1x``, ``1 2``, ``1e``,
+    ``1.2.3`` fail the cast) but also takes ``+1``, ``01``, ``.5``, ``5.``,
+    ``5.e3``, ``inf``, ``nan`` and, for integers, ``0x1f``: those are ruled out
+    here from each element's first and last characters and what follows a
+    ``.``, so only a few passes touch every byte.
+    """
+    starts, ends = offsets[:-1], offsets[1:]
+    if not len(chars) or (ends <= starts).any():
+        return None
+    integer_start = starts + (chars[starts] == _MINUS)
+    if (integer_start >= ends).any() or not _is_digit(chars[integer_start]).all():
+        return None  # "+1", ".5", "-", "-.5", "e5", "inf", "nan"
+    last = len(chars) - 1
+    following = chars[np.minimum(integer_start + 1, last)]
+    fraction_or_exponent = (following == _DOT) | ((following | np.uint8(0x20)) == _E_LOWER)
+    leading_zero = (chars[integer_start] == _ZERO) & (integer_start < ends - 1)
+    if (leading_zero & ~fraction_or_exponent).any():
+        return None  # "01", "-007", "0x1f"
+    if not _is_digit(chars[ends - 1]).all():
+        return None  # "5.", "1e", "1e+"
+    dot = chars == _DOT
+    exponent = (chars | np.uint8(0x20)) == _E_LOWER
+    if (dot[:-1] & exponent[1:]).any():
+        return None  # "5.e3"
+    return not (dot.any() or exponent.any())
+
+
+def _integer_negative_zero(offsets: npt.NDArray[np.intp], chars: Bytes) -> npt.NDArray[np.bool_]:
+    """Elements written ``-0``: orjson reads them as the int 0, which numpy makes +0.0 beside floats."""
+    starts = offsets[:-1]
+    second = chars[np.minimum(starts + 1, len(chars) - 1)]
+    result: npt.NDArray[np.bool_] = (
+        (offsets[1:] - starts == 2) & (chars[starts] == _MINUS) & (second == _ZERO)
+    )
+    return result
