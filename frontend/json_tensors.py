@@ -50,31 +50,41 @@ _COMMA, _OPEN, _CLOSE = ord(","), ord("["), ord("]")
 _MINUS, _PLUS, _DOT, _ZERO, _E_LOWER = ord("-"), ord("+"), ord("."), ord("0"), ord("e")
 _LEADING = "[ \t\n\r"  # before an element: its list openings and whitespace
 _TRAILING = "], \t\n\r"  # after an element: list closings, whitespace and the comma
-_SPACE = ord(" ")  # JSON whitespace is space, tab, newline and carriage return: all at or below it
+_SPACES = (b" ", b"\n", b"\t", b"\r")
+# Below this much text orjson and numpy are faster: their cost is per element, Arrow's starts with
+# a few dozen microseconds of calls (measured with python -m bench.json_decode).
+MIN_BYTES = 64 * 1024
 _MAX_TEXT = 2**31 - 1  # Arrow string offsets are int32
 
 
 def decode_numeric(
-    raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, flat_ok: bool = True
+    raw: bytes | memoryview,
+    datatype: str,
+    shape: Sequence[int],
+    *,
+    flat_ok: bool = True,
+    min_bytes: int = MIN_BYTES,
 ) -> Array | None:
     """The ``datatype`` array of ``shape`` from the raw JSON text of a ``data`` value, or None.
 
     ``raw`` is a flat list, or nested lists whose nesting matches ``shape``
     (``flat_ok=False`` takes only the nested form, as v1 named tensors, whose
     shape comes from the nesting). A negative first dimension is the batch
-    size, read from the element count. None means: use the slow path.
+    size, read from the element count. None means: use the slow path, which
+    is also the faster one below ``min_bytes`` of text.
     """
-    if datatype not in datatypes.SUPPORTED or datatype == "BYTES" or len(raw) > _MAX_TEXT:
+    if datatype not in datatypes.SUPPORTED or datatype == "BYTES" or not min_bytes <= len(raw) <= _MAX_TEXT:
         return None
-    text = np.frombuffer(raw, dtype=np.uint8)
+    data = bytes(raw)  # one copy: bytes searches run at memchr speed, numpy compares see the same buffer
+    text = np.frombuffer(data, dtype=np.uint8)
     commas = np.flatnonzero(text == _COMMA)
     dims = _dims(shape, len(commas) + 1)
     lists = None if dims is None else _lists(text, commas, dims, flat_ok)
     if dims is None or lists is None:
         return None
-    elements = _elements(raw, text, commas, lists)
+    elements = _elements(data, text, commas, lists)
     dtype = datatypes.OIP_TO_NUMPY[datatype]
-    flat = _bools(elements) if datatype == "BOOL" else _numbers(elements, dtype)
+    flat = _bools(elements) if datatype == "BOOL" else _numbers(data, elements, dtype)
     if flat is None:
         return None
     return flat.reshape(dims)
@@ -132,20 +142,18 @@ def _nesting(dims: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[n
     return np.sort(np.concatenate(starts)), np.sort(np.concatenate(ends))
 
 
-def _elements(
-    raw: bytes | memoryview, text: Bytes, commas: npt.NDArray[np.intp], lists: int
-) -> pa.StringArray:
+def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int) -> pa.StringArray:
     """Each element's text, brackets, whitespace and comma trimmed, as Arrow strings."""
     offsets = np.empty(len(commas) + 2, dtype=np.int32)
     offsets[0] = 0
     offsets[1:-1] = commas + 1
-    offsets[-1] = len(raw)
+    offsets[-1] = len(data)
     # A flat list without whitespace (what clients send) has one opening, before the first element:
     # starting past it saves a pass that trims every element's start.
-    skip_opening = lists == 1 and text[0] == _OPEN and not (text <= _SPACE).any()
+    skip_opening = lists == 1 and text[0] == _OPEN and not any(space in data for space in _SPACES)
     offsets[0] = 1 if skip_opening else 0
-    # A view over the request's bytes: the comma stays at each element's end until the trim.
-    pieces = pa.StringArray.from_buffers(len(commas) + 1, pa.py_buffer(offsets), pa.py_buffer(raw))
+    # A view over the text: the comma stays at each element's end until the trim.
+    pieces = pa.StringArray.from_buffers(len(commas) + 1, pa.py_buffer(offsets), pa.py_buffer(data))
     if not skip_opening:
         pieces = pc.ascii_ltrim(pieces, _LEADING)
     trimmed: pa.StringArray = pc.ascii_rtrim(pieces, _TRAILING)
@@ -172,9 +180,9 @@ def _bools(elements: pa.StringArray) -> Array | None:
     return flat
 
 
-def _numbers(elements: pa.StringArray, dtype: np.dtype[Any]) -> Array | None:
+def _numbers(data: bytes, elements: pa.StringArray, dtype: np.dtype[Any]) -> Array | None:
     offsets, chars = _buffers(elements)
-    integral = _json_numbers(offsets, chars)
+    integral = _json_numbers(data, offsets, chars)
     if integral is None:
         return None
     try:
@@ -189,10 +197,9 @@ def _numbers(elements: pa.StringArray, dtype: np.dtype[Any]) -> Array | None:
         return None  # out of int64 range, or not a number after all
     if not np.isfinite(probe).all():
         return None  # orjson rejects 1e400 where Arrow gives inf
-    negative_zero = _integer_negative_zero(offsets, chars)
-    if negative_zero.any():
+    if not probe.all():  # any zero at all: only then look for "-0" among the texts
         probe = probe.copy()
-        probe[negative_zero] = 0.0
+        probe[_integer_negative_zero(offsets, chars)] = 0.0
     flat: Array = probe.astype(dtype)
     return flat
 
@@ -211,34 +218,43 @@ def _is_digit(chars: Bytes) -> npt.NDArray[np.bool_]:
     return result
 
 
-def _json_numbers(offsets: npt.NDArray[np.intp], chars: Bytes) -> bool | None:
+def _json_numbers(data: bytes, offsets: npt.NDArray[np.intp], chars: Bytes) -> bool | None:
     """Whether every element is a JSON integer (True) or JSON number (False); None if one is neither.
 
     Arrow's parser is strict about the characters (``1x``, ``1 2``, ``1e``,
     ``1.2.3`` fail the cast) but also takes ``+1``, ``01``, ``.5``, ``5.``,
     ``5.e3``, ``inf``, ``nan`` and, for integers, ``0x1f``: those are ruled out
-    here from each element's first and last characters and what follows a
-    ``.``, so only a few passes touch every byte.
+    from each element's first and last characters and what precedes each ``e``
+    in the whole text (``data``); outside numbers a valid text has no ``.`` or ``e``.
     """
+    if not _ends_fit(offsets, chars):
+        return None
+    if b"e" in data or b"E" in data:
+        return None if _dot_before_exponent(data) else False
+    return b"." not in data
+
+
+def _ends_fit(offsets: npt.NDArray[np.intp], chars: Bytes) -> bool:
+    """Every element starts like a JSON number (``-``, a digit, no leading zero) and ends with a digit."""
     starts, ends = offsets[:-1], offsets[1:]
     if not len(chars) or (ends <= starts).any():
-        return None
+        return False
     integer_start = starts + (chars[starts] == _MINUS)
-    if (integer_start >= ends).any() or not _is_digit(chars[integer_start]).all():
-        return None  # "+1", ".5", "-", "-.5", "e5", "inf", "nan"
-    last = len(chars) - 1
-    following = chars[np.minimum(integer_start + 1, last)]
+    if (integer_start >= ends).any():
+        return False  # "-"
+    lead = chars[integer_start]
+    following = chars[np.minimum(integer_start + 1, len(chars) - 1)]
     fraction_or_exponent = (following == _DOT) | ((following | np.uint8(0x20)) == _E_LOWER)
-    leading_zero = (chars[integer_start] == _ZERO) & (integer_start < ends - 1)
-    if (leading_zero & ~fraction_or_exponent).any():
-        return None  # "01", "-007", "0x1f"
-    if not _is_digit(chars[ends - 1]).all():
-        return None  # "5.", "1e", "1e+"
-    dot = chars == _DOT
-    exponent = (chars | np.uint8(0x20)) == _E_LOWER
-    if (dot[:-1] & exponent[1:]).any():
-        return None  # "5.e3"
-    return not (dot.any() or exponent.any())
+    leading_zero = (lead == _ZERO) & (integer_start < ends - 1) & ~fraction_or_exponent
+    # "+1", ".5", "-.5", "e5", "inf", "nan"; then "01", "-007", "0x1f"; then "5.", "1e", "1e+"
+    return bool(_is_digit(lead).all() and not leading_zero.any() and _is_digit(chars[ends - 1]).all())
+
+
+def _dot_before_exponent(data: bytes) -> bool:
+    """``5.e3``: Arrow reads it, JSON wants a digit after the dot."""
+    text = np.frombuffer(data, dtype=np.uint8)
+    exponents = np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER)
+    return bool((text[np.maximum(exponents - 1, 0)] == _DOT).any())
 
 
 def _integer_negative_zero(offsets: npt.NDArray[np.intp], chars: Bytes) -> npt.NDArray[np.bool_]:
