@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=0, help="per body (default: 60 large, 5000 small)")
     args = parser.parse_args(argv)
-    print(
-        "| body | bytes | orjson + json_array µs | decode_numeric µs | ratio | least: slow / fast µs | ratio |"
-    )
+    print("| body | bytes | orjson + json_array µs | decode_numeric µs | ratio | least µs, both | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (raw, shape) in bodies().items():
         rounds = args.rounds or (60 if len(raw) > 100_000 else 5000)
