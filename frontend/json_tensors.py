@@ -78,10 +78,13 @@ def decode_numeric(
         return None
     data = bytes(raw)  # one copy: bytes searches run at memchr speed, numpy compares see the same buffer
     text = np.frombuffer(data, dtype=np.uint8)
-    commas = np.flatnonzero(text == _COMMA)
-    dims = _dims(shape, len(commas) + 1)
-    lists = None if dims is None else _lists(data, text, commas, dims, flat_ok)
-    if dims is None or lists is None:
+    is_comma = text == _COMMA
+    dims = _dims(shape, int(np.count_nonzero(is_comma)) + 1)
+    if dims is None:
+        return None  # counted before any per-element array exists: they stay within the tensor's size
+    commas = np.flatnonzero(is_comma)
+    lists = _lists(data, text, commas, dims, flat_ok)
+    if lists is None:
         return None
     elements = _elements(data, text, commas, lists)
     dtype = datatypes.OIP_TO_NUMPY[datatype]
