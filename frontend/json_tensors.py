@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -86,7 +86,7 @@ def decode_numeric(
     lists = _lists(data, text, commas, dims, flat_ok)
     if lists is None:
         return None
-    elements = _elements(data, text, commas, lists)
+    elements = _elements(data, text, commas, lists, numeric=datatype != "BOOL")
     dtype = datatypes.OIP_TO_NUMPY[datatype]
     flat = _bools(elements) if datatype == "BOOL" else _numbers(data, elements, dtype)
     if flat is None:
@@ -153,11 +153,24 @@ def _nesting(dims: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[n
     return np.sort(np.concatenate(starts)), np.sort(np.concatenate(ends))
 
 
-def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int) -> pa.StringArray:
-    """Each element's text, brackets, whitespace and comma trimmed, as Arrow strings."""
+class Elements(NamedTuple):
+    """The elements as Arrow strings to parse, and where their JSON text is, to check it."""
+
+    strings: pa.StringArray
+    starts: npt.NDArray[np.intp]  # each element's first byte in ``chars``
+    ends: npt.NDArray[np.intp]  # one past its last byte
+    chars: Bytes
+
+
+def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int, numeric: bool) -> Elements:
+    """Each element's text without brackets, whitespace and commas."""
     # Element i starts after comma i - 1 (and the space json.dumps puts there, when each comma has
     # one and there is no other whitespace) and runs up to the next element's start.
     gap = _gap(data, text, commas) if lists == 1 and text[0] == _OPEN else None
+    if gap is not None and numeric and text[-1] == _CLOSE:
+        padded = _padded(data, text, commas, gap)
+        if padded is not None:
+            return padded
     offsets = np.empty(len(commas) + 2, dtype=np.int32)
     offsets[0] = 0 if gap is None else 1
     offsets[1:-1] = commas + (1 if gap is None else 1 + gap)
@@ -167,7 +180,41 @@ def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int
     if gap is None:
         pieces = pc.ascii_ltrim(pieces, _LEADING)
     trimmed: pa.StringArray = pc.ascii_rtrim(pieces, _TRAILING)
-    return trimmed
+    starts, chars = _buffers(trimmed)
+    return Elements(trimmed, starts[:-1], starts[1:], chars)
+
+
+def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) -> Elements | None:
+    """A flat list whose numbers all have a fraction, parsed without trimming each element.
+
+    The separators (``,`` or ``, ``) become ``0`` in a copy of the text: a
+    ``0`` after the last fraction digit, or before the first digit of a number
+    without a sign, does not change the number, so each separator joins the
+    element before it, or the one after when the one before has an exponent.
+    The JSON checks look at the unpadded text.
+    """
+    count = len(commas) + 1
+    if int(np.count_nonzero(text == _DOT)) != count:
+        return None  # an integer, or two dots in one (which fails the parse anyway)
+    starts = np.empty(count, dtype=np.intp)
+    starts[0], starts[1:] = 1, commas + (1 + gap)
+    ends = np.empty(count, dtype=np.intp)
+    ends[:-1], ends[-1] = commas, len(text) - 1
+    before_exponent = np.zeros(count - 1, dtype=np.bool_)  # per separator
+    if b"e" in data or b"E" in data:
+        marks = np.searchsorted(commas, np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER))
+        before_exponent[marks[marks < count - 1]] = True
+        if (text[starts[1:][before_exponent]] == _MINUS).any():
+            return None  # "1e-5,-2.5": a 0 goes neither after the exponent nor before the sign
+    offsets = np.empty(count + 1, dtype=np.int32)
+    offsets[0], offsets[-1] = 1, len(text) - 1
+    offsets[1:-1] = commas + np.where(before_exponent, 0, 1 + gap)
+    padded = text.copy()
+    padded[commas] = _ZERO
+    if gap:
+        padded[commas + 1] = _ZERO
+    strings = pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(padded))
+    return Elements(strings, starts, ends, text)
 
 
 def _gap(data: bytes, text: Bytes, commas: npt.NDArray[np.intp]) -> int | None:
@@ -200,34 +247,34 @@ def _buffers(elements: pa.StringArray) -> tuple[npt.NDArray[np.intp], Bytes]:
     return starts, chars
 
 
-def _bools(elements: pa.StringArray) -> Array | None:
-    true = pc.equal(elements, "true")
-    if not pc.all(pc.or_(true, pc.equal(elements, "false"))).as_py():
+def _bools(elements: Elements) -> Array | None:
+    true = pc.equal(elements.strings, "true")
+    if not pc.all(pc.or_(true, pc.equal(elements.strings, "false"))).as_py():
         return None  # 0/1 (v1 takes them), numbers, null: the slow path decides
     flat: Array = true.to_numpy(zero_copy_only=False)
     return flat
 
 
-def _numbers(data: bytes, elements: pa.StringArray, dtype: np.dtype[Any]) -> Array | None:
-    offsets, chars = _buffers(elements)
-    integral = _json_numbers(data, offsets, chars)
+def _numbers(data: bytes, elements: Elements, dtype: np.dtype[Any]) -> Array | None:
+    integral = _json_numbers(data, elements)
     if integral is None:
         return None
     try:
         if integral:
             # No fraction or exponent anywhere: the slow path's probe is int64 (orjson ints).
-            probe = pc.cast(elements, pa.int64()).to_numpy()
+            probe = pc.cast(elements.strings, pa.int64()).to_numpy()
             return _from_ints(probe, dtype)
         if dtype.kind in "iu":
             return None  # integers written as floats: rare, and the slow path's checks decide
-        probe = pc.cast(elements, pa.float64()).to_numpy()
+        probe = pc.cast(elements.strings, pa.float64()).to_numpy()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None  # out of int64 range, or not a number after all
     if not np.isfinite(probe).all():
         return None  # orjson rejects 1e400 where Arrow gives inf
-    if not probe.all():  # any zero at all: only then look for "-0" among the texts
+    zeros = np.flatnonzero(probe == 0)
+    if len(zeros):
         probe = probe.copy()
-        probe[_integer_negative_zero(offsets, chars)] = 0.0
+        probe[zeros[_integer_negative_zero(elements, zeros)]] = 0.0
     flat: Array = probe.astype(dtype)
     return flat
 
@@ -246,7 +293,7 @@ def _is_digit(chars: Bytes) -> npt.NDArray[np.bool_]:
     return result
 
 
-def _json_numbers(data: bytes, offsets: npt.NDArray[np.intp], chars: Bytes) -> bool | None:
+def _json_numbers(data: bytes, elements: Elements) -> bool | None:
     """Whether every element is a JSON integer (True) or JSON number (False); None if one is neither.
 
     Arrow's parser is strict about the characters (``1x``, ``1 2``, ``1e``,
@@ -255,16 +302,16 @@ def _json_numbers(data: bytes, offsets: npt.NDArray[np.intp], chars: Bytes) -> b
     from each element's first and last characters and what precedes each ``e``
     in the whole text (``data``); outside numbers a valid text has no ``.`` or ``e``.
     """
-    if not _ends_fit(offsets, chars):
+    if not _ends_fit(elements):
         return None
     if b"e" in data or b"E" in data:
         return None if _dot_before_exponent(data) else False
     return b"." not in data
 
 
-def _ends_fit(offsets: npt.NDArray[np.intp], chars: Bytes) -> bool:
+def _ends_fit(elements: Elements) -> bool:
     """Every element starts like a JSON number (``-``, a digit, no leading zero) and ends with a digit."""
-    starts, ends = offsets[:-1], offsets[1:]
+    _, starts, ends, chars = elements
     if not len(chars) or (ends <= starts).any():
         return False
     integer_start = starts + (chars[starts] == _MINUS)
@@ -285,11 +332,10 @@ def _dot_before_exponent(data: bytes) -> bool:
     return bool((text[np.maximum(exponents - 1, 0)] == _DOT).any())
 
 
-def _integer_negative_zero(offsets: npt.NDArray[np.intp], chars: Bytes) -> npt.NDArray[np.bool_]:
-    """Elements written ``-0``: orjson reads them as the int 0, which numpy makes +0.0 beside floats."""
-    starts = offsets[:-1]
-    second = chars[np.minimum(starts + 1, len(chars) - 1)]
-    result: npt.NDArray[np.bool_] = (
-        (offsets[1:] - starts == 2) & (chars[starts] == _MINUS) & (second == _ZERO)
-    )
+def _integer_negative_zero(elements: Elements, which: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+    """Which of elements ``which`` read ``-0``: orjson makes it the int 0, numpy +0.0 beside floats."""
+    _, starts, ends, chars = elements
+    first = starts[which]
+    second = chars[np.minimum(first + 1, len(chars) - 1)]
+    result: npt.NDArray[np.bool_] = (ends[which] - first == 2) & (chars[first] == _MINUS) & (second == _ZERO)
     return result
