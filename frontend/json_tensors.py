@@ -56,6 +56,7 @@ _SPACE = ord(" ")  # control characters are below it: not JSON, they fail the pa
 # a few dozen microseconds of calls (measured with python -m bench.json_decode).
 MIN_BYTES = 64 * 1024
 _MAX_TEXT = 2**31 - 1  # Arrow string offsets are int32
+_MAX_EXPONENT = 8  # bytes of "e-00324" and the like; longer ones take the trimming path
 
 
 def decode_numeric(
@@ -187,11 +188,11 @@ def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int
 def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) -> Elements | None:
     """A flat list whose numbers all have a fraction, parsed without trimming each element.
 
-    The separators (``,`` or ``, ``) become ``0`` in a copy of the text: a
-    ``0`` after the last fraction digit, or before the first digit of a number
-    without a sign, does not change the number, so each separator joins the
-    element before it, or the one after when the one before has an exponent.
-    The JSON checks look at the unpadded text.
+    Each element runs on over the separator after it (``,`` or ``, ``), whose
+    bytes become ``0`` in a copy of the text: zeros after the last fraction
+    digit do not change a number. Where the element has an exponent, the
+    exponent moves right and the zeros go before its ``e``. The JSON checks
+    look at the unpadded text.
     """
     count = len(commas) + 1
     if int(np.count_nonzero(text == _DOT)) != count:
@@ -200,21 +201,43 @@ def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) ->
     starts[0], starts[1:] = 1, commas + (1 + gap)
     ends = np.empty(count, dtype=np.intp)
     ends[:-1], ends[-1] = commas, len(text) - 1
-    before_exponent = np.zeros(count - 1, dtype=np.bool_)  # per separator
-    if b"e" in data or b"E" in data:
-        marks = np.searchsorted(commas, np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER))
-        before_exponent[marks[marks < count - 1]] = True
-        if (text[starts[1:][before_exponent]] == _MINUS).any():
-            return None  # "1e-5,-2.5": a 0 goes neither after the exponent nor before the sign
-    offsets = np.empty(count + 1, dtype=np.int32)
-    offsets[0], offsets[-1] = 1, len(text) - 1
-    offsets[1:-1] = commas + np.where(before_exponent, 0, 1 + gap)
     padded = text.copy()
     padded[commas] = _ZERO
     if gap:
         padded[commas + 1] = _ZERO
+    if (b"e" in data or b"E" in data) and not _shift_exponents(text, padded, commas, ends, 1 + gap):
+        return None
+    offsets = np.empty(count + 1, dtype=np.int32)
+    offsets[0], offsets[1:-1], offsets[-1] = 1, commas + (1 + gap), len(text) - 1
     strings = pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(padded))
     return Elements(strings, starts, ends, text)
+
+
+def _shift_exponents(
+    text: Bytes, padded: Bytes, commas: npt.NDArray[np.intp], ends: npt.NDArray[np.intp], width: int
+) -> bool:
+    """In ``padded``, move each exponent but the last element's ``width`` bytes right, zeros before it.
+
+    False where that cannot be done for certain (two ``e`` in one element, an
+    exponent longer than any a float needs): the caller trims instead.
+    """
+    marks = np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER)
+    element = np.searchsorted(commas, marks)
+    if (np.diff(element) == 0).any():
+        return False  # "1e5e5": the parse would fail anyway
+    inner = element < len(commas)  # the last element has no separator after it
+    marks, element = marks[inner], element[inner]
+    lengths = ends[element] - marks  # "e-05": 4
+    if not len(marks):
+        return True
+    if lengths.max() > _MAX_EXPONENT:
+        return False
+    for offset in range(int(lengths.max())):  # at most _MAX_EXPONENT passes over the exponents
+        moving = lengths > offset
+        padded[marks[moving] + offset + width] = text[marks[moving] + offset]
+    for offset in range(width):
+        padded[marks + offset] = _ZERO
+    return True
 
 
 def _gap(data: bytes, text: Bytes, commas: npt.NDArray[np.intp]) -> int | None:
