@@ -45,6 +45,7 @@ from ipc import datatypes
 
 Array = npt.NDArray[Any]
 Bytes = npt.NDArray[np.uint8]
+Indices = npt.NDArray[np.intp]
 
 _COMMA, _OPEN, _CLOSE = ord(","), ord("["), ord("]")
 _MINUS, _PLUS, _DOT, _ZERO, _E_LOWER = ord("-"), ord("+"), ord("."), ord("0"), ord("e")
@@ -87,9 +88,10 @@ def decode_numeric(
     lists = _lists(data, text, commas, dims, flat_ok)
     if lists is None:
         return None
-    elements = _elements(data, text, commas, lists, numeric=datatype != "BOOL")
+    marks = _exponent_marks(data, text)
+    elements = _elements(data, text, commas, marks, lists, numeric=datatype != "BOOL")
     dtype = datatypes.OIP_TO_NUMPY[datatype]
-    flat = _bools(elements) if datatype == "BOOL" else _numbers(data, elements, dtype)
+    flat = _bools(elements) if datatype == "BOOL" else _numbers(data, text, marks, elements, dtype)
     if flat is None:
         return None
     return flat.reshape(dims)
@@ -109,9 +111,7 @@ def _dims(shape: Sequence[int], count: int) -> tuple[int, ...] | None:
     return dims if math.prod(dims) == count else None
 
 
-def _lists(
-    data: bytes, text: Bytes, commas: npt.NDArray[np.intp], dims: tuple[int, ...], flat_ok: bool
-) -> int | None:
+def _lists(data: bytes, text: Bytes, commas: Indices, dims: tuple[int, ...], flat_ok: bool) -> int | None:
     """How many lists the text opens, if its brackets sit where a flat list or ``dims`` nesting puts them.
 
     Element ``i`` is the text after comma ``i - 1`` up to and including comma ``i``.
@@ -139,10 +139,10 @@ def _lists(
     return lists if np.array_equal(opens, want_opens) and np.array_equal(closes, want_closes) else None
 
 
-def _nesting(dims: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+def _nesting(dims: tuple[int, ...]) -> tuple[Indices, Indices]:
     """For nested lists of ``dims``: the element each list opens on and closes on, sorted."""
-    starts: list[npt.NDArray[np.intp]] = []
-    ends: list[npt.NDArray[np.intp]] = []
+    starts: list[Indices] = []
+    ends: list[Indices] = []
     for depth in range(len(dims)):
         lists, size = math.prod(dims[:depth]), math.prod(dims[depth:])
         first = np.arange(lists, dtype=np.intp) * size
@@ -158,18 +158,25 @@ class Elements(NamedTuple):
     """The elements as Arrow strings to parse, and where their JSON text is, to check it."""
 
     strings: pa.StringArray
-    starts: npt.NDArray[np.intp]  # each element's first byte in ``chars``
-    ends: npt.NDArray[np.intp]  # one past its last byte
+    starts: Indices  # each element's first byte in ``chars``
+    ends: Indices  # one past its last byte
     chars: Bytes
 
 
-def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int, numeric: bool) -> Elements:
+def _elements(
+    data: bytes,
+    text: Bytes,
+    commas: Indices,
+    marks: Indices,
+    lists: int,
+    numeric: bool,
+) -> Elements:
     """Each element's text without brackets, whitespace and commas."""
     # Element i starts after comma i - 1 (and the space json.dumps puts there, when each comma has
     # one and there is no other whitespace) and runs up to the next element's start.
     gap = _gap(data, text, commas) if lists == 1 and text[0] == _OPEN else None
     if gap is not None and numeric and text[-1] == _CLOSE:
-        padded = _padded(data, text, commas, gap)
+        padded = _padded(text, commas, marks, gap)
         if padded is not None:
             return padded
     offsets = np.empty(len(commas) + 2, dtype=np.int32)
@@ -185,7 +192,7 @@ def _elements(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], lists: int
     return Elements(trimmed, starts[:-1], starts[1:], chars)
 
 
-def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) -> Elements | None:
+def _padded(text: Bytes, commas: Indices, marks: Indices, gap: int) -> Elements | None:
     """A flat list whose numbers all have a fraction, parsed without trimming each element.
 
     Each element runs on over the separator after it (``,`` or ``, ``), whose
@@ -205,7 +212,7 @@ def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) ->
     padded[commas] = _ZERO
     if gap:
         padded[commas + 1] = _ZERO
-    if (b"e" in data or b"E" in data) and not _shift_exponents(text, padded, commas, ends, 1 + gap):
+    if len(marks) and not _shift_exponents(text, padded, commas, marks, ends, 1 + gap):
         return None
     offsets = np.empty(count + 1, dtype=np.int32)
     offsets[0], offsets[1:-1], offsets[-1] = 1, commas + (1 + gap), len(text) - 1
@@ -214,14 +221,18 @@ def _padded(data: bytes, text: Bytes, commas: npt.NDArray[np.intp], gap: int) ->
 
 
 def _shift_exponents(
-    text: Bytes, padded: Bytes, commas: npt.NDArray[np.intp], ends: npt.NDArray[np.intp], width: int
+    text: Bytes,
+    padded: Bytes,
+    commas: Indices,
+    marks: Indices,
+    ends: Indices,
+    width: int,
 ) -> bool:
     """In ``padded``, move each exponent but the last element's ``width`` bytes right, zeros before it.
 
     False where that cannot be done for certain (two ``e`` in one element, an
     exponent longer than any a float needs): the caller trims instead.
     """
-    marks = np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER)
     element = np.searchsorted(commas, marks)
     if (np.diff(element) == 0).any():
         return False  # "1e5e5": the parse would fail anyway
@@ -240,7 +251,7 @@ def _shift_exponents(
     return True
 
 
-def _gap(data: bytes, text: Bytes, commas: npt.NDArray[np.intp]) -> int | None:
+def _gap(data: bytes, text: Bytes, commas: Indices) -> int | None:
     """For a flat list: 0 without whitespace, 1 when the only whitespace is one space after each comma.
 
     Elements then start exactly there, and only their ends need trimming: a
@@ -258,7 +269,7 @@ def _gap(data: bytes, text: Bytes, commas: npt.NDArray[np.intp]) -> int | None:
     return None
 
 
-def _buffers(elements: pa.StringArray) -> tuple[npt.NDArray[np.intp], Bytes]:
+def _buffers(elements: pa.StringArray) -> tuple[Indices, Bytes]:
     """The offsets and bytes of ``elements``, rebased so the first element starts at 0."""
     _, offsets, data = elements.buffers()
     view = np.frombuffer(offsets, dtype=np.int32)[elements.offset : elements.offset + len(elements) + 1]
@@ -278,8 +289,10 @@ def _bools(elements: Elements) -> Array | None:
     return flat
 
 
-def _numbers(data: bytes, elements: Elements, dtype: np.dtype[Any]) -> Array | None:
-    integral = _json_numbers(data, elements)
+def _numbers(
+    data: bytes, text: Bytes, marks: Indices, elements: Elements, dtype: np.dtype[Any]
+) -> Array | None:
+    integral = _json_numbers(data, text, marks, elements)
     if integral is None:
         return None
     try:
@@ -316,19 +329,19 @@ def _is_digit(chars: Bytes) -> npt.NDArray[np.bool_]:
     return result
 
 
-def _json_numbers(data: bytes, elements: Elements) -> bool | None:
+def _json_numbers(data: bytes, text: Bytes, marks: Indices, elements: Elements) -> bool | None:
     """Whether every element is a JSON integer (True) or JSON number (False); None if one is neither.
 
     Arrow's parser is strict about the characters (``1x``, ``1 2``, ``1e``,
     ``1.2.3`` fail the cast) but also takes ``+1``, ``01``, ``.5``, ``5.``,
     ``5.e3``, ``inf``, ``nan`` and, for integers, ``0x1f``: those are ruled out
     from each element's first and last characters and what precedes each ``e``
-    in the whole text (``data``); outside numbers a valid text has no ``.`` or ``e``.
+    (``marks`` in ``text``); outside numbers a valid text has no ``.`` or ``e``.
     """
     if not _ends_fit(elements):
         return None
-    if b"e" in data or b"E" in data:
-        return None if _dot_before_exponent(data) else False
+    if len(marks):
+        return None if (text[np.maximum(marks - 1, 0)] == _DOT).any() else False  # "5.e3"
     return b"." not in data
 
 
@@ -348,14 +361,15 @@ def _ends_fit(elements: Elements) -> bool:
     return bool(_is_digit(lead).all() and not leading_zero.any() and _is_digit(chars[ends - 1]).all())
 
 
-def _dot_before_exponent(data: bytes) -> bool:
-    """``5.e3``: Arrow reads it, JSON wants a digit after the dot."""
-    text = np.frombuffer(data, dtype=np.uint8)
-    exponents = np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER)
-    return bool((text[np.maximum(exponents - 1, 0)] == _DOT).any())
+def _exponent_marks(data: bytes, text: Bytes) -> Indices:
+    """Where ``e`` and ``E`` are: outside numbers a valid text has none (memchr finds that quickly)."""
+    if b"e" in data or b"E" in data:
+        marks: Indices = np.flatnonzero((text | np.uint8(0x20)) == _E_LOWER)
+        return marks
+    return np.empty(0, dtype=np.intp)
 
 
-def _integer_negative_zero(elements: Elements, which: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+def _integer_negative_zero(elements: Elements, which: Indices) -> npt.NDArray[np.bool_]:
     """Which of elements ``which`` read ``-0``: orjson makes it the int 0, numpy +0.0 beside floats."""
     _, starts, ends, chars = elements
     first = starts[which]
