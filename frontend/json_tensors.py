@@ -10,11 +10,13 @@ the raw JSON text of a ``data`` value instead and, when the shape is known:
 2. checks the brackets sit exactly where a flat list or a nesting that matches
    the shape puts them, by counting the ``[`` and ``]`` before and after each
    element;
-3. hands the elements, as one Arrow string array over the request's own bytes
-   (no copy), to Arrow's C number parser after trimming brackets and
-   whitespace, and checks the strict JSON number grammar (leading zeros,
-   ``.5``, ``5.``, ``+1``, ``inf``/``nan``, hex) on the trimmed bytes that
-   Arrow's parser would otherwise accept.
+3. hands the elements, as one Arrow string array over the text, to Arrow's C
+   number parser: a flat list (``,`` or ``, `` separators) from a copy whose
+   separators are zeros that pad each number without changing it, anything
+   else after trimming brackets and whitespace from each element;
+4. checks the strict JSON number grammar that Arrow's parser is lenient about
+   (leading zeros, ``.5``, ``5.``, ``+1``, ``inf``/``nan``, hex) on each
+   element's first and last bytes.
 
 pyarrow earns its place because its string-to-number casts are in C and
 correctly rounded (fast_float, the same algorithm as C++ ``from_chars``): numpy's
