@@ -340,6 +340,16 @@ def test_cnn_image_flat_nested_and_spaced_match_the_slow_path() -> None:
         assert same(fast, json_array(orjson.loads(raw), "FP32", shape, "x")), name
 
 
+@pytest.mark.parametrize("datatype", ["UINT8", "INT64", "FP16", "FP64"])
+def test_integer_image_matches_the_slow_path(datatype: str) -> None:
+    """Pixel values as JSON integers: the int64 path, and big enough for the default MIN_BYTES."""
+    image = np.random.default_rng(11).integers(0, 256, size=(1, 3, 224, 224))
+    for raw in (orjson.dumps(image.ravel().tolist()), json.dumps(image.tolist()).encode()):
+        fast = decode_numeric(raw, datatype, [1, 3, 224, 224])
+        assert fast is not None
+        assert same(fast, json_array(orjson.loads(raw), datatype, [1, 3, 224, 224], "x"))
+
+
 def test_tabular_row() -> None:
     row = np.random.default_rng(3).standard_normal(30)
     raw = orjson.dumps(row.tolist())
