@@ -87,11 +87,11 @@ def decode_numeric(
     if dims is None:
         return None  # counted before any per-element array exists: they stay within the tensor's size
     commas = np.flatnonzero(is_comma)
-    lists = _lists(data, text, commas, dims, flat_ok)
-    if lists is None:
+    brackets = _lists(data, text, commas, dims, flat_ok)
+    if brackets is None:
         return None
     marks = _exponent_marks(data, text)
-    elements = _elements(data, text, commas, marks, lists, numeric=datatype != "BOOL")
+    elements = _elements(data, text, commas, marks, brackets, numeric=datatype != "BOOL")
     dtype = datatypes.OIP_TO_NUMPY[datatype]
     flat = _bools(elements) if datatype == "BOOL" else _numbers(data, text, marks, elements, dtype)
     if flat is None:
@@ -113,32 +113,47 @@ def _dims(shape: Sequence[int], count: int) -> tuple[int, ...] | None:
     return dims if math.prod(dims) == count else None
 
 
-def _lists(data: bytes, text: Bytes, commas: Indices, dims: tuple[int, ...], flat_ok: bool) -> int | None:
-    """How many lists the text opens, if its brackets sit where a flat list or ``dims`` nesting puts them.
+class Brackets(NamedTuple):
+    """Where the ``[`` and ``]`` are, and which element (commas before them) each falls in."""
 
-    Element ``i`` is the text after comma ``i - 1`` up to and including comma ``i``.
-    Counting brackets per element is enough: ``_elements`` trims openings only
-    from an element's start and closings only from its end, so one anywhere
-    else leaves a bracket in the number and the parse fails.
+    lists: int
+    open_at: Indices
+    opens: Indices
+    close_at: Indices
+    closes: Indices
+
+
+def _lists(
+    data: bytes, text: Bytes, commas: Indices, dims: tuple[int, ...], flat_ok: bool
+) -> Brackets | None:
+    """The brackets, if they sit where a flat list or ``dims`` nesting puts them.
+
+    Element ``i`` is the text after comma ``i - 1`` up to and including comma
+    ``i``. Counting brackets per element is enough: each element is then cut
+    (or trimmed) to the number between its openings and closings, so a bracket
+    anywhere else fails the checks or the parse.
     """
+    count = len(commas) + 1
     can_be_flat = (flat_ok or len(dims) == 1) and bool(dims)
     ends = data[:1] == b"[" and data[-1:] == b"]"
     # The usual body: one bracket at each end and none between, found at memchr speed.
     if can_be_flat and ends and data.find(b"[", 1) < 0 and data.find(b"]", 0, len(data) - 1) < 0:
-        return 1
+        first, last = np.zeros(1, dtype=np.intp), np.full(1, count - 1, dtype=np.intp)
+        return Brackets(1, first, first, np.full(1, len(data) - 1, dtype=np.intp), last)
     positions = np.flatnonzero((text == _OPEN) | (text == _CLOSE))
     opening = text[positions] == _OPEN
     element = np.searchsorted(commas, positions)  # commas before each bracket
-    opens, closes = element[opening], element[~opening]
-    count = len(commas) + 1
+    found = Brackets(0, positions[opening], element[opening], positions[~opening], element[~opening])
+    opens, closes = found.opens, found.closes
     if len(opens) == 1 and can_be_flat:
         flat = len(closes) == 1 and opens[0] == 0 and closes[0] == count - 1
-        return 1 if flat else None
+        return found._replace(lists=1) if flat else None
     lists = sum(math.prod(dims[:depth]) for depth in range(len(dims)))
     if len(opens) != lists:
         return None
     want_opens, want_closes = _nesting(dims)
-    return lists if np.array_equal(opens, want_opens) and np.array_equal(closes, want_closes) else None
+    fits = np.array_equal(opens, want_opens) and np.array_equal(closes, want_closes)
+    return found._replace(lists=lists) if fits else None
 
 
 def _nesting(dims: tuple[int, ...]) -> tuple[Indices, Indices]:
@@ -170,54 +185,62 @@ def _elements(
     text: Bytes,
     commas: Indices,
     marks: Indices,
-    lists: int,
+    brackets: Brackets,
     numeric: bool,
 ) -> Elements:
     """Each element's text without brackets, whitespace and commas."""
-    # Element i starts after comma i - 1 (and the space json.dumps puts there, when each comma has
-    # one and there is no other whitespace) and runs up to the next element's start.
-    gap = _gap(data, text, commas) if lists == 1 and text[0] == _OPEN else None
-    if gap is not None and numeric and text[-1] == _CLOSE:
-        padded = _padded(text, commas, marks, gap)
+    flat = brackets.lists == 1 and text[0] == _OPEN
+    gap = _gap(data, text, commas, flat)
+    if gap is not None and numeric:
+        padded = _padded(text, commas, marks, brackets, gap)
         if padded is not None:
             return padded
+    # Element i starts after comma i - 1 (and the space json.dumps puts there, when each comma has
+    # one and there is no other whitespace) and runs up to the next element's start.
     offsets = np.empty(len(commas) + 2, dtype=np.int32)
-    offsets[0] = 0 if gap is None else 1
-    offsets[1:-1] = commas + (1 if gap is None else 1 + gap)
+    separator = 1 + gap if flat and gap is not None else None  # bytes from a comma to the next element
+    offsets[0] = 0 if separator is None else 1
+    offsets[1:-1] = commas + (1 if separator is None else separator)
     offsets[-1] = len(data)
     # A view over the text: separators stay at each element's end until the trim.
     pieces = pa.StringArray.from_buffers(len(commas) + 1, pa.py_buffer(offsets), pa.py_buffer(data))
-    if gap is None:
+    if separator is None:
         pieces = pc.ascii_ltrim(pieces, _LEADING)
     trimmed: pa.StringArray = pc.ascii_rtrim(pieces, _TRAILING)
     starts, chars = _buffers(trimmed)
     return Elements(trimmed, starts[:-1], starts[1:], chars)
 
 
-def _padded(text: Bytes, commas: Indices, marks: Indices, gap: int) -> Elements | None:
-    """A flat list whose numbers all have a fraction, parsed without trimming each element.
+def _padded(text: Bytes, commas: Indices, marks: Indices, brackets: Brackets, gap: int) -> Elements | None:
+    """Numbers that all have a fraction, parsed without trimming each element.
 
-    Each element runs on over the separator after it (``,`` or ``, ``), whose
-    bytes become ``0`` in a copy of the text: zeros after the last fraction
-    digit do not change a number. Where the element has an exponent, the
-    exponent moves right and the zeros go before its ``e``. The JSON checks
-    look at the unpadded text.
+    Each element runs on over what separates it from the next (``,``, ``, ``,
+    ``],[``), whose bytes become ``0`` in a copy of the text: zeros after the
+    last fraction digit do not change a number. Where the element has an
+    exponent, the exponent moves right and the zeros go before its ``e``. The
+    JSON checks look at the unpadded text.
     """
     count = len(commas) + 1
     if int(np.count_nonzero(text == _DOT)) != count:
         return None  # an integer, or two dots in one (which fails the parse anyway)
-    starts = np.empty(count, dtype=np.intp)
-    starts[0], starts[1:] = 1, commas + (1 + gap)
-    ends = np.empty(count, dtype=np.intp)
-    ends[:-1], ends[-1] = commas, len(text) - 1
+    begin = np.zeros(count, dtype=np.intp)
+    begin[1:] = commas + (1 + gap)
+    starts = begin + np.bincount(brackets.opens, minlength=count)
+    finish = np.full(count, len(text), dtype=np.intp)
+    finish[:-1] = commas
+    ends = finish - np.bincount(brackets.closes, minlength=count)
+    if (brackets.open_at >= starts[brackets.opens]).any() or (
+        brackets.close_at < ends[brackets.closes]
+    ).any():
+        return None  # "[11[.5,": a bracket inside a number, which a zero would hide
     padded = text.copy()
-    padded[commas] = _ZERO
-    if gap:
-        padded[commas + 1] = _ZERO
-    if len(marks) and not _shift_exponents(text, padded, commas, marks, ends, 1 + gap):
+    for separators in (commas, brackets.open_at, brackets.close_at, commas + 1 if gap else None):
+        if separators is not None:
+            padded[separators] = _ZERO
+    if len(marks) and not _shift_exponents(text, padded, commas, marks, ends, starts[1:] - ends[:-1]):
         return None
     offsets = np.empty(count + 1, dtype=np.int32)
-    offsets[0], offsets[1:-1], offsets[-1] = 1, commas + (1 + gap), len(text) - 1
+    offsets[:-1], offsets[-1] = starts, ends[-1]
     strings = pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(padded))
     return Elements(strings, starts, ends, text)
 
@@ -228,11 +251,12 @@ def _shift_exponents(
     commas: Indices,
     marks: Indices,
     ends: Indices,
-    width: int,
+    widths: Indices,
 ) -> bool:
-    """In ``padded``, move each exponent but the last element's ``width`` bytes right, zeros before it.
+    """In ``padded``, move each exponent but the last element's right by the zeros after it.
 
-    False where that cannot be done for certain (two ``e`` in one element, an
+    ``widths[i]`` is how many bytes separate element ``i`` from the next. False
+    where that cannot be done for certain (two ``e`` in one element, an
     exponent longer than any a float needs): the caller trims instead.
     """
     element = np.searchsorted(commas, marks)
@@ -240,35 +264,32 @@ def _shift_exponents(
         return False  # "1e5e5": the parse would fail anyway
     inner = element < len(commas)  # the last element has no separator after it
     marks, element = marks[inner], element[inner]
-    lengths = ends[element] - marks  # "e-05": 4
     if not len(marks):
         return True
+    lengths, width = ends[element] - marks, widths[element]  # "e-05": 4
     if lengths.max() > _MAX_EXPONENT:
         return False
     for offset in range(int(lengths.max())):  # at most _MAX_EXPONENT passes over the exponents
         moving = lengths > offset
-        padded[marks[moving] + offset + width] = text[marks[moving] + offset]
-    for offset in range(width):
-        padded[marks + offset] = _ZERO
+        padded[marks[moving] + offset + width[moving]] = text[marks[moving] + offset]
+    for offset in range(int(width.max())):  # as many as the deepest separator has brackets
+        zero = width > offset
+        padded[marks[zero] + offset] = _ZERO
     return True
 
 
-def _gap(data: bytes, text: Bytes, commas: Indices) -> int | None:
-    """For a flat list: 0 without whitespace, 1 when the only whitespace is one space after each comma.
+def _gap(data: bytes, text: Bytes, commas: Indices, flat: bool) -> int | None:
+    """0 without whitespace; for a flat list, 1 when the only whitespace is one space after each comma.
 
-    Elements then start exactly there, and only their ends need trimming: a
-    pass over every element saved. None: whitespace elsewhere, trim both ends.
+    Elements then start exactly there, and need no trimming at their start.
+    None: whitespace elsewhere, trim both ends.
     """
     if not any(space in data for space in _SPACES):
         return 0
-    spaces = int(np.count_nonzero(text <= _SPACE))
-    if (
-        spaces == len(commas)
-        and len(commas)
-        and (text[np.minimum(commas + 1, len(text) - 1)] == _SPACE).all()
-    ):
-        return 1
-    return None
+    if not flat or not len(commas) or int(np.count_nonzero(text <= _SPACE)) != len(commas):
+        return None
+    after = text[np.minimum(commas + 1, len(text) - 1)]
+    return 1 if (after == _SPACE).all() else None
 
 
 def _buffers(elements: pa.StringArray) -> tuple[Indices, Bytes]:

@@ -390,6 +390,13 @@ def test_bad_values_fall_back(bad: str, datatype: str) -> None:
         ("[[1,2],[3,4]]x", [2, 2]),
         ("[1,2][3,4]", [4]),
         ("[1 2,3]", [2]),
+        ("[[1.5,2.5],3[.5,4.5]]", [2, 2]),  # a bracket inside a number, the counts right
+        ("[1[1.25,2.5],[3.5,4.5]]", [2, 2]),
+        ("[[1.5,2.5]0,[3.5,4.5]]", [2, 2]),
+        ("[[1.5,2.5],[3.5,4.5]0]", [2, 2]),
+        ("[[1.5,2.]5,[3.5,4.5]]", [2, 2]),
+        ("[[1.5,2.]55,[3.5,4.5]]", [2, 2]),  # the bracket where a separator's zero would hide it
+        ("[[1.5,2.5],11[.5,4.5]]", [2, 2]),
         ("[]", [0]),
         ("[[],[]]", [2, 0]),
     ],
@@ -453,6 +460,18 @@ def test_bools() -> None:
     assert fast is not None and fast.tolist() == [[True, False], [False, True]]
     assert check(b"[1,0]", "BOOL", [2]) is None  # v1 takes 0/1, V2 does not: the slow paths decide
     assert check(b"[true,1]", "FP32", [2]) is None
+
+
+def test_nested_exponents_and_separators() -> None:
+    """Exponents before separators of every width ("," "],[" "]],[[") move right to make room."""
+    for text, shape in [
+        (b"[[1.5e-3,-2.5],[3.5E+2,4.5e1]]", [2, 2]),
+        (b"[[[1.5,2.5e-300]],[[-3.5e10,4.5]]]", [2, 1, 2]),
+        (b"[[1.5e0],[2.5E-0],[-0.5e+00]]", [3, 1]),
+        (b"[1.5e-3, -2.5e-3, 3.5, 4.5E7]", [4]),
+    ]:
+        fast = check(text, "FP64", shape)
+        assert fast is not None, text
 
 
 def test_scalar_and_whitespace() -> None:
