@@ -474,6 +474,17 @@ def test_nested_exponents_and_separators() -> None:
         assert fast is not None, text
 
 
+def test_many_exponents() -> None:
+    """More exponents than memchr looks for one by one: found by the vectorised compare instead."""
+    values = np.random.default_rng(5).standard_normal(1000) * 10.0 ** np.linspace(-300, 300, 1000)
+    tokens = [f"{v:.9e}" if i % 2 else f"{v:.17E}" for i, v in enumerate(values)]
+    for sep in (",", ", "):
+        fast = check(("[" + sep.join(tokens) + "]").encode(), "FP64", [1000])
+        assert fast is not None
+        nested = check(("[[" + "],[".join(tokens) + "]]").encode(), "FP32", [1000, 1])
+        assert nested is not None
+
+
 def test_scalar_and_whitespace() -> None:
     assert check(b"2.5", "FP32", []) is not None
     assert check(b" [ [ 1 , 2 ] ,\n [ 3 , 4 ] ] ", "INT32", [2, 2]) is not None
