@@ -45,15 +45,16 @@ def bodies() -> dict[str, tuple[bytes, list[int]]]:
     }
 
 
-def _cpu_us(fn: Callable[[], object], rounds: int) -> tuple[float, float]:
-    """Median and least CPU time of this process (not wall time: the 2-core machine is shared, and the
-    least is what a call costs when other processes leave the caches and memory bus alone)."""
-    samples = []
+def _cpu_us(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """CPU µs of this process per call (not wall time: the 2-core machine is shared), the paths
+    taking turns call by call so that a busy spell of the machine weighs on both alike."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
-        started = time.process_time_ns()
-        fn()
-        samples.append((time.process_time_ns() - started) / 1000)
-    return statistics.median(samples), min(samples)
+        for name, fn in paths.items():
+            started = time.process_time_ns()
+            fn()
+            samples[name].append((time.process_time_ns() - started) / 1000)
+    return samples
 
 
 def measure(raw: bytes, shape: list[int], rounds: int) -> dict[str, float]:
@@ -61,8 +62,16 @@ def measure(raw: bytes, shape: list[int], rounds: int) -> dict[str, float]:
     fast = decode_numeric(raw, "FP32", shape, min_bytes=0)
     if fast is None or fast.tobytes() != slow.tobytes():
         raise SystemExit("the fast path did not decode the body to the slow path's bytes")
-    slow_us, slow_min = _cpu_us(lambda: json_array(orjson.loads(raw), "FP32", shape, "input 'x'"), rounds)
-    fast_us, fast_min = _cpu_us(lambda: decode_numeric(raw, "FP32", shape, min_bytes=0), rounds)
+    samples = _cpu_us(
+        {
+            "slow": lambda: json_array(orjson.loads(raw), "FP32", shape, "input 'x'"),
+            "fast": lambda: decode_numeric(raw, "FP32", shape, min_bytes=0),
+        },
+        rounds,
+    )
+    slow_us, fast_us = statistics.median(samples["slow"]), statistics.median(samples["fast"])
+    # The least is what a call costs when other processes leave the caches and memory bus alone.
+    slow_min, fast_min = min(samples["slow"]), min(samples["fast"])
     return {
         "bytes": len(raw),
         "slow_us": slow_us,
