@@ -12,7 +12,7 @@ msgspec envelope hands them over. Bodies::
 
 Run ``python -m bench.json_decode`` (``--rounds`` per body): the median and
 least CPU µs of each path, after checking both give the same bytes. The tabular row is
-below ``json_tensors.MIN_BYTES``, so the fast path is timed with ``min_bytes=0``
+below ``json_tensors.MIN_ELEMENTS``, so the fast path is timed with ``min_elements=0``
 there to show why it is left to the slow path.
 """
 
@@ -59,13 +59,13 @@ def _cpu_us(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, li
 
 def measure(raw: bytes, shape: list[int], rounds: int) -> dict[str, float]:
     slow = json_array(orjson.loads(raw), "FP32", shape, "input 'x'")
-    fast = decode_numeric(raw, "FP32", shape, min_bytes=0)
+    fast = decode_numeric(raw, "FP32", shape, min_elements=0)
     if fast is None or fast.tobytes() != slow.tobytes():
         raise SystemExit("the fast path did not decode the body to the slow path's bytes")
     samples = _cpu_us(
         {
             "slow": lambda: json_array(orjson.loads(raw), "FP32", shape, "input 'x'"),
-            "fast": lambda: decode_numeric(raw, "FP32", shape, min_bytes=0),
+            "fast": lambda: decode_numeric(raw, "FP32", shape, min_elements=0),
         },
         rounds,
     )

@@ -55,9 +55,10 @@ _LEADING = "[ \t\n\r"  # before an element: its list openings and whitespace
 _TRAILING = "], \t\n\r"  # after an element: list closings, whitespace and the comma
 _SPACES = (b" ", b"\n", b"\t", b"\r")
 _SPACE = ord(" ")  # control characters are below it: not JSON, they fail the parse
-# Below this much text orjson and numpy are faster: their cost is per element, Arrow's starts with
-# a few dozen microseconds of calls (measured with python -m bench.json_decode).
-MIN_BYTES = 64 * 1024
+# Below this many elements orjson and numpy are as fast or faster: Arrow's calls cost ~60 µs before
+# the first number, and orjson's cost per element grows only once its floats outgrow the caches
+# (python -m bench.json_decode; at 40,000 full-precision floats the fast path is still slower).
+MIN_ELEMENTS = 65_536
 _MAX_TEXT = 2**31 - 1  # Arrow string offsets are int32
 _FEW_EXPONENTS = 256
 _MAX_EXPONENT = 8  # bytes of "e-00324" and the like; longer ones take the trimming path
@@ -69,7 +70,7 @@ def decode_numeric(
     shape: Sequence[int],
     *,
     flat_ok: bool = True,
-    min_bytes: int = MIN_BYTES,
+    min_elements: int = MIN_ELEMENTS,
 ) -> Array | None:
     """The ``datatype`` array of ``shape`` from the raw JSON text of a ``data`` value, or None.
 
@@ -77,15 +78,17 @@ def decode_numeric(
     (``flat_ok=False`` takes only the nested form, as v1 named tensors, whose
     shape comes from the nesting). A negative first dimension is the batch
     size, read from the element count. None means: use the slow path, which
-    is also the faster one below ``min_bytes`` of text.
+    is also the faster one below ``min_elements`` elements.
     """
-    if datatype not in datatypes.SUPPORTED or datatype == "BYTES" or not min_bytes <= len(raw) <= _MAX_TEXT:
+    if datatype not in datatypes.SUPPORTED or datatype == "BYTES" or len(raw) > _MAX_TEXT:
         return None
+    if all(d >= 0 for d in shape) and math.prod(shape) < min_elements:
+        return None  # before touching the text: small tensors go straight to the slow path
     data = bytes(raw)  # one copy: bytes searches run at memchr speed, numpy compares see the same buffer
     text = np.frombuffer(data, dtype=np.uint8)
     is_comma = text == _COMMA
     dims = _dims(shape, int(np.count_nonzero(is_comma)) + 1)
-    if dims is None:
+    if dims is None or math.prod(dims) < min_elements:
         return None  # counted before any per-element array exists: they stay within the tensor's size
     commas = np.flatnonzero(is_comma)
     brackets = _lists(data, text, commas, dims, flat_ok)

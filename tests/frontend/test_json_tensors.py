@@ -32,7 +32,7 @@ Outcome = np.ndarray[Any, Any] | None
 
 def decode(raw: bytes | memoryview, datatype: str, shape: Sequence[int], flat_ok: bool = True) -> Outcome:
     """The fast path at any size (by default it leaves small texts, where it is slower, to the slow one)."""
-    return decode_numeric(raw, datatype, shape, flat_ok=flat_ok, min_bytes=0)
+    return decode_numeric(raw, datatype, shape, flat_ok=flat_ok, min_elements=0)
 
 
 def slow_v2(raw: bytes, datatype: str, shape: Sequence[int]) -> Outcome:
@@ -342,7 +342,7 @@ def test_cnn_image_flat_nested_and_spaced_match_the_slow_path() -> None:
 
 @pytest.mark.parametrize("datatype", ["UINT8", "INT64", "FP16", "FP64"])
 def test_integer_image_matches_the_slow_path(datatype: str) -> None:
-    """Pixel values as JSON integers: the int64 path, and big enough for the default MIN_BYTES."""
+    """Pixel values as JSON integers: the int64 path, and big enough for the default MIN_ELEMENTS."""
     image = np.random.default_rng(11).integers(0, 256, size=(1, 3, 224, 224))
     for raw in (orjson.dumps(image.ravel().tolist()), json.dumps(image.tolist()).encode()):
         fast = decode_numeric(raw, datatype, [1, 3, 224, 224])
@@ -353,7 +353,7 @@ def test_integer_image_matches_the_slow_path(datatype: str) -> None:
 def test_tabular_row() -> None:
     row = np.random.default_rng(3).standard_normal(30)
     raw = orjson.dumps(row.tolist())
-    assert decode_numeric(raw, "FP32", [1, 30]) is None  # below MIN_BYTES: the slow path is faster
+    assert decode_numeric(raw, "FP32", [1, 30]) is None  # below MIN_ELEMENTS: the slow path is faster
     fast = decode(raw, "FP32", [1, 30])
     assert fast is not None
     assert same(fast, row.astype(np.float32).reshape(1, 30))
