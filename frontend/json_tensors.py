@@ -216,16 +216,19 @@ def _elements(
 
 
 def _padded(text: Bytes, commas: Indices, marks: Indices, brackets: Brackets, gap: int) -> Elements | None:
-    """Numbers that all have a fraction, parsed without trimming each element.
+    """Numbers without a sign, or all with a fraction, parsed without trimming each element.
 
-    Each element runs on over what separates it from the next (``,``, ``, ``,
-    ``],[``), whose bytes become ``0`` in a copy of the text: zeros after the
-    last fraction digit do not change a number. Where the element has an
+    What separates two elements (``,``, ``, ``, ``],[``) becomes ``0`` in a
+    copy of the text. Without any ``-`` those zeros lead the next element
+    (``0012`` is 12); otherwise each element runs on over them, as zeros after
+    its last fraction digit do not change it either, and where it has an
     exponent, the exponent moves right and the zeros go before its ``e``. The
     JSON checks look at the unpadded text.
     """
     count = len(commas) + 1
-    if int(np.count_nonzero(text == _DOT)) != count:
+    # Without a minus sign anywhere, the zeros can lead the next element instead (0012 is 12).
+    leading = not (text == _MINUS).any()
+    if not leading and int(np.count_nonzero(text == _DOT)) != count:
         return None  # an integer, or two dots in one (which fails the parse anyway)
     begin = np.zeros(count, dtype=np.intp)
     begin[1:] = commas + (1 + gap)
@@ -241,10 +244,13 @@ def _padded(text: Bytes, commas: Indices, marks: Indices, brackets: Brackets, ga
     for separators in (commas, brackets.open_at, brackets.close_at, commas + 1 if gap else None):
         if separators is not None:
             padded[separators] = _ZERO
-    if len(marks) and not _shift_exponents(text, padded, commas, marks, ends, starts[1:] - ends[:-1]):
-        return None
     offsets = np.empty(count + 1, dtype=np.int32)
-    offsets[:-1], offsets[-1] = starts, ends[-1]
+    if leading:
+        offsets[0], offsets[1:] = starts[0], ends  # element i runs from the end of element i - 1
+    else:
+        if len(marks) and not _shift_exponents(text, padded, commas, marks, ends, starts[1:] - ends[:-1]):
+            return None
+        offsets[:-1], offsets[-1] = starts, ends[-1]
     strings = pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(padded))
     return Elements(strings, starts, ends, text)
 
