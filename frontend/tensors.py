@@ -23,6 +23,7 @@ from ipc import datatypes
 from ipc.messages import TensorSpec
 
 from .errors import ApiError
+from .json_tensors import decode_numeric
 
 Array = npt.NDArray[Any]
 
@@ -31,18 +32,13 @@ def invalid(message: str, details: dict[str, Any] | None = None) -> ApiError:
     return ApiError(422, "invalid_input", message, details)
 
 
-def decode_numeric(raw: bytes | memoryview, datatype: str, shape: list[int]) -> Array | None:
-    """Stand-in for ``frontend.json_tensors.decode_numeric``: None takes the general path below."""
-    return None
-
-
 def from_raw_json(
     raw: bytes | memoryview | msgspec.Raw, datatype: str, shape: list[int], where: str
 ) -> Array:
     """A V2 input's ``data`` (its JSON text, kept raw by the envelope) as an array of ``shape``."""
     raw = memoryview(raw)
     if datatype != "BYTES":
-        # The one place raw tensor JSON becomes numbers: plug the fast decoder in here.
+        # Large numeric tensors skip a Python object per element (None: not certain, general path).
         fast = decode_numeric(raw, datatype, shape)
         if fast is not None:
             return fast
@@ -77,7 +73,8 @@ def from_json(
         # Checked on the values as parsed (ints or integral floats alike), before any cast wraps them.
         if probe.min() < info.min or probe.max() > info.max:
             raise invalid(f"{where}: value out of range for {datatype} [{info.min}, {info.max}]")
-    array = probe.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # a float beyond FP16/FP32 is inf, as numpy casts it; not a log line
+        array = probe.astype(dtype, copy=False)
     return array.reshape(shape) if shape is not None else array
 
 
