@@ -34,9 +34,14 @@ model_server_evictions_total                       counter    (LRU evictions, al
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import contextlib
 import os
 import re
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,8 +188,145 @@ class TableCollector(Collector):
         yield from (states, memory, holders, up, restarts, rss, evictions)
 
 
+class _Observations:
+    """Observations of one histogram child not yet written: a count per bucket and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        # The first bound >= value: prometheus-client's own choice of bucket (le is inclusive).
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def write(self, child: Any) -> None:
+        # prometheus-client has no public call for many observations at once; its histogram
+        # child keeps one value per bucket (not cumulative) and one for the sum, as here.
+        buckets = child._buckets
+        for index, count in enumerate(self.counts):
+            if count:
+                buckets[index].inc(count)
+        child._sum.inc(self.total)
+
+
+class _Pending:
+    """One label set's requests since the last flush."""
+
+    __slots__ = ("compute", "duration", "last_ms", "queue", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.duration = _Observations()
+        self.queue: _Observations | None = None
+        self.compute: _Observations | None = None
+        self.last_ms = 0.0
+
+
+RequestKey = tuple[str, str, str, int]  # model, version, protocol, HTTP status
+
+
+class RequestMetrics:
+    """The per-request series, counted in process memory and written in batches.
+
+    prometheus-client's multiprocess mode turns every ``inc``/``observe`` into locked writes
+    to a memory-mapped file (eight per request here). Instead, requests are summed per
+    label set and written at most ``flush_interval_s`` after the first one not yet written
+    (a timer armed only while something is pending), when this process serves ``/metrics``
+    or the statistics extension, and when the frontend stops. So what this process shows is
+    always exact, and what another process shows lags by at most ``flush_interval_s``;
+    nothing is lost or counted twice. ``flush_interval_s`` 0 writes every request at once.
+    """
+
+    def __init__(self, flush_interval_s: float) -> None:
+        self.flush_interval_s = flush_interval_s
+        self._pending: dict[RequestKey, _Pending] = {}
+        self._children: dict[RequestKey, tuple[Any, ...]] = {}
+        # The statistics extension reads (and so flushes) from a worker thread.
+        self._lock = threading.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        _RECORDERS.add(self)
+
+    def record(
+        self, key: RequestKey, duration_s: float, queue_s: float | None = None, compute_s: float | None = None
+    ) -> None:
+        """One answered request; ``queue_s``/``compute_s`` when a worker ran it."""
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = _Pending()
+            pending.requests += 1
+            pending.duration.add(duration_s)
+            if queue_s is not None and compute_s is not None:
+                if pending.queue is None or pending.compute is None:
+                    pending.queue, pending.compute = _Observations(), _Observations()
+                pending.queue.add(queue_s)
+                pending.compute.add(compute_s)
+                pending.last_ms = time.time() * 1000
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self.flush_interval_s <= 0:
+            self.flush()
+            return
+        self._timer = loop.call_later(self.flush_interval_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending to this process's multiprocess files."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            for key, counts in pending.items():
+                self._write(key, counts)
+
+    def close(self) -> None:
+        """Flush and stop the timer (the frontend is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+
+    def _write(self, key: RequestKey, counts: _Pending) -> None:
+        children = self._children.get(key)
+        if children is None:
+            model, version, protocol, status = key
+            children = self._children[key] = (
+                REQUESTS.labels(model, version, protocol, str(status)),
+                REQUEST_DURATION.labels(model, version, protocol, "success" if status == 200 else "fail"),
+                QUEUE_DURATION.labels(model, version),
+                COMPUTE_DURATION.labels(model, version),
+                LAST_INFERENCE.labels(model, version),
+            )
+        children[0].inc(counts.requests)
+        counts.duration.write(children[1])
+        if counts.queue is not None and counts.compute is not None:
+            counts.queue.write(children[2])
+            counts.compute.write(children[3])
+            children[4].set(counts.last_ms)
+
+
+_RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
+
+
+def flush_pending() -> None:
+    """Write every batch this process holds: a read of the files then sees all of its requests."""
+    for recorder in list(_RECORDERS):
+        recorder.flush()
+
+
 def process_registry() -> CollectorRegistry:
     """Every process's values (multiprocess mode), or this process's own when run in-process."""
+    flush_pending()
     registry = CollectorRegistry()
     directory = multiprocess_dir()
     if directory is not None and directory.is_dir():
