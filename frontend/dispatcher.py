@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,18 @@ RECONNECT_WAIT_S = 1.0
 RECONNECT_POLL_S = 0.01
 # Room given to an output whose size the schema cannot tell (dynamic non-batch dims, strings).
 UNKNOWN_OUTPUT_BYTES = 64 * 1024
+
+
+# Plain ints, not pyzmq's enums: an enum's `&` costs more than the getsockopt it tests.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_SEND_ID = int(zmq.SNDMORE | zmq.NOBLOCK)
+_SEND_LAST = int(zmq.NOBLOCK)
+
+
+@functools.cache
+def _routing_id(worker: int) -> bytes:
+    return endpoints.worker_routing_id(worker)
 
 
 class DispatchError(Exception):
@@ -159,12 +172,15 @@ class BodyLease:
     owned: bool = True
 
 
-@dataclass
 class _Pending:
-    future: asyncio.Future[InferReply]
-    worker: int
-    slots: list[Slot]
-    sent_ns: int = field(default_factory=time.monotonic_ns)
+    """A request the worker holds: its waiter and the slots to free when it is done."""
+
+    __slots__ = ("future", "slots", "worker")
+
+    def __init__(self, future: asyncio.Future[InferReply], worker: int, slots: list[Slot]) -> None:
+        self.future = future
+        self.worker = worker
+        self.slots = slots
 
 
 def _align(n: int) -> int:
@@ -280,7 +296,7 @@ class Dispatcher:
         sock = self.sock
         assert sock is not None
         # Checking EVENTS (not catching zmq.Again) also re-arms the edge-triggered FD.
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while int(sock.getsockopt(_EVENTS)) & _POLLIN:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 log.error("dropped a worker message with %d frames", len(frames))
@@ -305,7 +321,7 @@ class Dispatcher:
 
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
-        while int(self.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while int(self.monitor.getsockopt(_EVENTS)) & _POLLIN:
             frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             event = parse_monitor_message(frames)
             endpoint = (
@@ -374,6 +390,10 @@ class Dispatcher:
         return sorted(workers, key=order.__getitem__)
 
     # --- the request path ----------------------------------------------------------
+    # Who frees a request's slots, phase by phase: until the send succeeds, ``infer`` (on any
+    # error); from the send until the reply, the worker (the reply and death handlers free them,
+    # and a caller that gives up leaves them quarantined); after the reply, ``_result`` on an
+    # error, else the returned ``InferResult`` on release.
     async def infer(
         self,
         entry: ModelEntry,
@@ -401,81 +421,89 @@ class Dispatcher:
         sizes = [_align(t.nbytes()) for t in inputs]
         input_bytes = sum(sizes)
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 1
-        out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
-        slot = self.reserve(input_bytes + out_bytes)
+        slot = self.reserve(
+            input_bytes + estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
+        )
         slots = [slot]
-        # Who must free the slot if we leave early: this coroutine, the worker
-        # (freed by the reply/death handlers), or the returned result.
-        owner = "frontend"
-        spill: Segment | None = None
         try:
-            refs = self._write_inputs(slot, inputs, sizes)
             seq = next(self._seq)
             request = InferRequest(
-                seq=seq,
-                trace_id=trace_id,
-                model_id=entry.model_id,
-                version=entry.version,
-                inputs=refs,
-                output_names=output_names,
-                out_segment=self.arena.name,
-                out_offset=slot.offset + input_bytes,
-                out_capacity=slot.size - input_bytes,
-                deadline_ns=time.monotonic_ns() + int(timeout_s * 1e9),
-                client_outputs=client_outputs or [],
+                seq,
+                trace_id,
+                entry.model_id,
+                entry.version,
+                self._write_inputs(slot, inputs, sizes),
+                output_names,
+                self.arena.name,
+                slot.offset + input_bytes,
+                slot.size - input_bytes,
+                time.monotonic_ns() + int(timeout_s * 1e9),
+                client_outputs or [],
             )
-            future: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
             worker = await self._send_within(workers, encode(request), timeout_s)
-            # From here until the reply (or the worker's death) the worker owns the slots.
-            if body is not None and body.owned:
-                body.owned = False
-                slots.append(body.slot)
-            self.inflight[seq] = _Pending(future, worker, slots)
-            self.per_worker.setdefault(worker, set()).add(seq)
-            self.stats["requests"] += 1
-            owner = "worker"
-            # A send can consume the FD's edge for a reply that is already queued: look now.
-            self.loop.call_soon(self._drain_replies)
-            timer = self.loop.call_later(timeout_s, _expire, future)
-            try:
-                reply = await future
-            except TimeoutError:
-                self.stats["quarantined"] += 1
-                raise DispatchError(
-                    504,
-                    "deadline_exceeded",
-                    f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
-                ) from None
-            except asyncio.CancelledError:
-                # Client went away: the reply handler frees the slot when the worker is done.
-                self.stats["quarantined"] += 1
-                raise
-            except DispatchError:
-                owner = "frontend"  # worker died: the slot is ours again
-                raise
-            finally:
-                timer.cancel()
-            owner = "frontend"  # reply arrived: the slot is ours again
+        except BaseException:
+            self._free(slots)
+            raise
+        if body is not None and body.owned:
+            body.owned = False
+            slots.append(body.slot)
+        reply = await self._await_reply(seq, worker, slots, timeout_s)
+        return self._result(reply, entry, worker, slots)
+
+    async def _await_reply(self, seq: int, worker: int, slots: list[Slot], timeout_s: float) -> InferReply:
+        """Wait for the worker that owns ``slots`` now; they are ours again only if it died."""
+        loop = self.loop
+        future: asyncio.Future[InferReply] = loop.create_future()
+        self.inflight[seq] = _Pending(future, worker, slots)
+        per_worker = self.per_worker.get(worker)
+        if per_worker is None:
+            per_worker = self.per_worker[worker] = set()
+        per_worker.add(seq)
+        self.stats["requests"] += 1
+        # A send can consume the FD's edge for a reply that is already queued: look now.
+        self._drain_replies()
+        timer = loop.call_at(loop.time() + timeout_s, _expire, future)
+        try:
+            return await future
+        except TimeoutError:
+            self.stats["quarantined"] += 1
+            raise DispatchError(
+                504,
+                "deadline_exceeded",
+                f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
+            ) from None
+        except asyncio.CancelledError:
+            # Client went away: the reply handler frees the slot when the worker is done.
+            self.stats["quarantined"] += 1
+            raise
+        except DispatchError:
+            self._free(slots)  # the worker died: the slots are ours again
+            raise
+        finally:
+            timer.cancel()
+
+    def _result(self, reply: InferReply, entry: ModelEntry, worker: int, slots: list[Slot]) -> InferResult:
+        """The reply as views of shared memory, owning ``slots`` (and a spill) until released."""
+        spill: Segment | None = None
+        try:
             if reply.spill:
                 spill = Segment.attach(reply.spill)  # ours from now on; unlinked on release
             if reply.status != Status.OK:
                 raise _reply_error(reply, entry)
-            result = InferResult(
-                outputs=self._read_outputs(reply, spill),
-                worker=worker,
-                queue_us=reply.queue_us,
-                compute_us=reply.compute_us,
-                batch_rows=reply.batch_rows,
-                _release=(self.arena, slots, spill),
+            return InferResult(
+                self._read_outputs(reply, spill),
+                worker,
+                reply.queue_us,
+                reply.compute_us,
+                reply.batch_rows,
+                (self.arena, slots, spill),
             )
-            owner = "result"
-        finally:
-            if owner == "frontend":
-                self._free(slots)
-                if spill is not None:
-                    spill.unlink()
-                    spill.close()
-        return result
+        except BaseException:
+            self._free(slots)
+            if spill is not None:
+                spill.unlink()
+                spill.close()
+            raise
 
     async def _send_within(self, workers: list[int], payload: bytes, timeout_s: float) -> int:
         """Send, waiting briefly for a connection that is still being made.
@@ -503,10 +531,14 @@ class Dispatcher:
             await asyncio.sleep(RECONNECT_POLL_S)
 
     def _send(self, workers: list[int], payload: bytes) -> int:
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         for worker in workers:
             try:
-                self.sock.send_multipart([endpoints.worker_routing_id(worker), payload], flags=zmq.NOBLOCK)
+                # Two plain sends, not send_multipart: its per-call checks cost more than the send.
+                # ROUTER_MANDATORY fails on the routing-id frame, before anything is queued.
+                sock.send(_routing_id(worker), _SEND_ID)
+                sock.send(payload, _SEND_LAST)
                 return worker
             except zmq.Again:
                 continue  # its queue is full: try the next one
