@@ -24,6 +24,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -173,14 +174,17 @@ class BodyLease:
 
 
 class _Pending:
-    """A request the worker holds: its waiter and the slots to free when it is done."""
+    """A request the worker holds: its waiter, the slots to free when it is done, its deadline."""
 
-    __slots__ = ("future", "slots", "worker")
+    __slots__ = ("deadline", "future", "slots", "worker")
 
-    def __init__(self, future: asyncio.Future[InferReply], worker: int, slots: list[Slot]) -> None:
+    def __init__(
+        self, future: asyncio.Future[InferReply], worker: int, slots: list[Slot], deadline: float
+    ) -> None:
         self.future = future
         self.worker = worker
         self.slots = slots
+        self.deadline = deadline  # event-loop time
 
 
 def _align(n: int) -> int:
@@ -235,6 +239,8 @@ class Dispatcher:
         self._rr = itertools.count()
         self._fds: list[int] = []
         self._initial_workers = workers
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf  # when the deadline timer fires (inf: not armed)
         self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -266,6 +272,8 @@ class Dispatcher:
         self._drain_monitor()
 
     async def close(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         for fd in self._fds:
             self.loop.remove_reader(fd)
         for pending in list(self.inflight.values()):
@@ -454,7 +462,8 @@ class Dispatcher:
         """Wait for the worker that owns ``slots`` now; they are ours again only if it died."""
         loop = self.loop
         future: asyncio.Future[InferReply] = loop.create_future()
-        self.inflight[seq] = _Pending(future, worker, slots)
+        deadline = loop.time() + timeout_s
+        self.inflight[seq] = _Pending(future, worker, slots, deadline)
         per_worker = self.per_worker.get(worker)
         if per_worker is None:
             per_worker = self.per_worker[worker] = set()
@@ -462,7 +471,8 @@ class Dispatcher:
         self.stats["requests"] += 1
         # A send can consume the FD's edge for a reply that is already queued: look now.
         self._drain_replies()
-        timer = loop.call_at(loop.time() + timeout_s, _expire, future)
+        if deadline < self._sweep_at:
+            self._arm_sweep(deadline)
         try:
             return await future
         except TimeoutError:
@@ -479,8 +489,31 @@ class Dispatcher:
         except DispatchError:
             self._free(slots)  # the worker died: the slots are ours again
             raise
-        finally:
-            timer.cancel()
+
+    # One timer for every deadline rather than one per request: it fires at the earliest
+    # deadline of the requests in flight, expires what is due and re-arms for the next one.
+    # Requests mostly share one timeout, so it is re-armed about once per timeout, not per request.
+    def _arm_sweep(self, when: float) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = when
+        self._sweep_timer = self.loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        self._sweep_at = math.inf
+        # The loop's clock and timers have millisecond resolution: what is due within it is due now.
+        now = self.loop.time() + 0.001
+        earliest = math.inf
+        for pending in self.inflight.values():
+            if pending.future.done():
+                continue  # answered, or already given up (quarantined until the reply)
+            if pending.deadline <= now:
+                pending.future.set_exception(TimeoutError())
+            elif pending.deadline < earliest:
+                earliest = pending.deadline
+        if earliest < math.inf:
+            self._arm_sweep(earliest)
 
     def _result(self, reply: InferReply, entry: ModelEntry, worker: int, slots: list[Slot]) -> InferResult:
         """The reply as views of shared memory, owning ``slots`` (and a spill) until released."""
@@ -594,11 +627,6 @@ class Dispatcher:
                 data = None  # a client's region: the client reads it there
             outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
         return outputs
-
-
-def _expire(future: asyncio.Future[InferReply]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def _reply_error(reply: InferReply, entry: ModelEntry) -> DispatchError:

@@ -32,7 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from model_server.settings import Settings
 
 from .errors import error_response
-from .middleware import PROBE_PATHS
+from .middleware import BODY_RECEIVED, PROBE_PATHS
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -89,6 +89,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The whole body is buffered: the middleware's body deadline has nothing to wait for.
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
 
     def _arm(self) -> None:
         if self._header_timer is None:

@@ -25,6 +25,9 @@ from .errors import ApiError
 log = logging.getLogger("model_server.access")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Scope key the server's protocol (frontend.edge) sets once a request's whole body is in its
+# buffer: reading it then cannot wait, so it needs no deadline timer.
+BODY_RECEIVED = "model_server.body_received"
 PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
@@ -97,6 +100,7 @@ class _Exchange:
         "deadline",
         "header",
         "middleware",
+        "scope",
         "seen",
         "status",
         "timed_out",
@@ -105,9 +109,10 @@ class _Exchange:
     )
 
     def __init__(
-        self, middleware: RequestContextMiddleware, receive: Receive, send: Send, header: Any
+        self, middleware: RequestContextMiddleware, scope: Scope, receive: Receive, send: Send, header: Any
     ) -> None:
         self.middleware = middleware
+        self.scope = scope
         self._receive = receive
         self._send = send
         self.header = header
@@ -132,7 +137,7 @@ class _Exchange:
     async def receive(self) -> Message:
         if self.timed_out:
             self._expire_now()  # the rest of the body will never be read: every read fails
-        if self.body_done:
+        if self.body_done or BODY_RECEIVED in self.scope:
             message = await self._receive()
         else:
             message = await self._receive_by_deadline()
@@ -233,7 +238,7 @@ class RequestContextMiddleware:
         request_id, length = self._read_headers(scope)
         token = request_id_var.set(request_id)
         self.activity.active += 1
-        exchange = _Exchange(self, receive, send, (b"x-request-id", request_id.encode()))
+        exchange = _Exchange(self, scope, receive, send, (b"x-request-id", request_id.encode()))
         try:
             await self._serve(scope, exchange, length)
         finally:
