@@ -240,6 +240,7 @@ class Dispatcher:
         self._fds: list[int] = []
         self._initial_workers = workers
         self._sweep_timer: asyncio.TimerHandle | None = None
+        self._drain_soon = False  # a look at the reply socket is scheduled
         self._sweep_at = math.inf  # when the deadline timer fires (inf: not armed)
         self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
 
@@ -326,6 +327,11 @@ class Dispatcher:
                 self.stats["quarantined"] -= 1
             else:
                 pending.future.set_result(reply)
+
+    def _drain_after_sends(self) -> None:
+        self._drain_soon = False
+        if self.sock is not None and not self.sock.closed:  # not closed since it was scheduled
+            self._drain_replies()
 
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
@@ -469,8 +475,11 @@ class Dispatcher:
             per_worker = self.per_worker[worker] = set()
         per_worker.add(seq)
         self.stats["requests"] += 1
-        # A send can consume the FD's edge for a reply that is already queued: look now.
-        self._drain_replies()
+        # A send can consume the FD's edge for a reply that is already queued: look once the
+        # requests of this loop iteration are sent (one look for all of them).
+        if not self._drain_soon:
+            self._drain_soon = True
+            loop.call_soon(self._drain_after_sends)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
         try:

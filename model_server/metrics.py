@@ -37,8 +37,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
+import mmap
 import os
 import re
+import struct
 import threading
 import time
 import weakref
@@ -227,6 +230,77 @@ class _Pending:
 
 RequestKey = tuple[str, str, str, int]  # model, version, protocol, HTTP status
 
+_MARK = struct.Struct("d")
+_MARK_NAME = re.compile(r"^pending_(\d+)_\d+\.bin$")
+
+
+class _PendingMark:
+    """When this recorder's oldest unwritten request was counted (``time.monotonic()``, 0: none),
+    in an 8-byte file of the multiprocess directory, so that a reader in another process can
+    wait until what was answered before its read is written (``await_other_writers``)."""
+
+    def __init__(self, directory: Path | None, serial: int) -> None:
+        self.path: Path | None = None
+        self._map: mmap.mmap | None = None
+        if directory is None or not directory.is_dir():
+            return
+        self.path = directory / f"pending_{os.getpid()}_{serial}.bin"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, _MARK.size)
+            self._map = mmap.mmap(fd, _MARK.size)
+        finally:
+            os.close(fd)
+
+    def set(self, value: float) -> None:
+        if self._map is not None:
+            _MARK.pack_into(self._map, 0, value)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def await_other_writers(limit_s: float, alive: Callable[[int], bool]) -> bool:
+    """Wait until every other live process has written the requests it counted before now.
+
+    Each waits at most its flush interval (and event-loop lag); a process that does not
+    within ``limit_s`` (wedged) is left out. True when none was left out.
+    """
+    directory = multiprocess_dir()
+    if directory is None or not directory.is_dir():
+        return True
+    started = time.monotonic()
+    give_up = started + limit_s
+    for path in directory.glob("pending_*.bin"):
+        match = _MARK_NAME.match(path.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue  # ours was flushed by the caller
+        if not alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                path.unlink()  # a process that died without closing (its counts went with it)
+            continue
+        if not _wait_for_mark(path, started, give_up):
+            return False
+    return True
+
+
+def _wait_for_mark(path: Path, started: float, give_up: float) -> bool:
+    for _ in range(100_000):  # bounded by give_up; the count only bounds the loop itself
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return True  # closed meanwhile: flushed
+        since = _MARK.unpack(raw)[0] if len(raw) == _MARK.size else 0.0
+        if since == 0.0 or since > started or time.monotonic() > give_up:
+            return since == 0.0 or since > started
+        time.sleep(MARK_POLL_S)
+    return False
+
 
 class RequestMetrics:
     """The per-request series, counted in process memory and written in batches.
@@ -235,9 +309,11 @@ class RequestMetrics:
     to a memory-mapped file (eight per request here). Instead, requests are summed per
     label set and written at most ``flush_interval_s`` after the first one not yet written
     (a timer armed only while something is pending), when this process serves ``/metrics``
-    or the statistics extension, and when the frontend stops. So what this process shows is
-    always exact, and what another process shows lags by at most ``flush_interval_s``;
-    nothing is lost or counted twice. ``flush_interval_s`` 0 writes every request at once.
+    or the statistics extension, and when the frontend stops. The files lag by at most
+    ``flush_interval_s`` (plus event-loop lag); a reader closes that gap with ``settle``,
+    which waits for the other processes' marks (``_PendingMark``), so what /metrics and the
+    statistics show is exact. Nothing is lost or counted twice; ``flush_interval_s`` 0
+    writes every request at once.
     """
 
     def __init__(self, flush_interval_s: float) -> None:
@@ -247,6 +323,8 @@ class RequestMetrics:
         # The statistics extension reads (and so flushes) from a worker thread.
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
+        self._mark = _PendingMark(multiprocess_dir(), next(_SERIALS))
+        self._marked = False
         _RECORDERS.add(self)
 
     def record(
@@ -265,6 +343,9 @@ class RequestMetrics:
                 pending.queue.add(queue_s)
                 pending.compute.add(compute_s)
                 pending.last_ms = time.time() * 1000
+            if not self._marked:
+                self._marked = True
+                self._mark.set(time.monotonic())
         if self._timer is None:
             self._arm()
 
@@ -288,6 +369,9 @@ class RequestMetrics:
             pending, self._pending = self._pending, {}
             for key, counts in pending.items():
                 self._write(key, counts)
+            if self._marked:
+                self._marked = False
+                self._mark.set(0.0)  # after the writes: a reader that sees 0 finds them in the files
 
     def close(self) -> None:
         """Flush and stop the timer (the frontend is stopping)."""
@@ -295,6 +379,7 @@ class RequestMetrics:
             self._timer.cancel()
             self._timer = None
         self.flush()
+        self._mark.close()
 
     def _write(self, key: RequestKey, counts: _Pending) -> None:
         children = self._children.get(key)
@@ -316,6 +401,9 @@ class RequestMetrics:
 
 
 _RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
+_SERIALS = itertools.count()
+MARK_POLL_S = 0.002
+MARK_LAG_S = 1.0
 
 
 def flush_pending() -> None:
@@ -324,9 +412,29 @@ def flush_pending() -> None:
         recorder.flush()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def settle() -> None:
+    """Before a read: write this process's batches, and wait (at most its flush interval, plus
+    ``MARK_LAG_S`` for a busy event loop) for the other processes' batches of requests
+    answered before now. So /metrics and the statistics extension are exact, whichever
+    frontend serves them."""
+    flush_pending()
+    intervals = [recorder.flush_interval_s for recorder in list(_RECORDERS)]
+    await_other_writers(max(intervals, default=0.0) + MARK_LAG_S, _pid_alive)
+
+
 def process_registry() -> CollectorRegistry:
     """Every process's values (multiprocess mode), or this process's own when run in-process."""
-    flush_pending()
+    settle()
     registry = CollectorRegistry()
     directory = multiprocess_dir()
     if directory is not None and directory.is_dir():
