@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from model_server import metrics
 
@@ -143,3 +147,23 @@ def test_interval_zero_writes_each_request_at_once() -> None:
 
     before, after = asyncio.run(run())
     assert after == before + 1
+
+
+def test_a_reader_skips_dead_writers_and_gives_up_on_a_wedged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    dead = tmp_path / f"pending_{int(gone.stdout)}_0.bin"
+    dead.write_bytes(struct.pack("d", 1.0))  # counted long ago, never written: it died
+    assert metrics.await_other_writers(5.0, metrics._pid_alive)
+    assert not dead.exists()
+    # A live process (this one's parent) whose mark predates the read and is never cleared.
+    wedged = tmp_path / f"pending_{os.getppid()}_0.bin"
+    wedged.write_bytes(struct.pack("d", 1.0))
+    assert not metrics.await_other_writers(0.05, metrics._pid_alive)
+    # One whose batch began after the read started is not waited for.
+    wedged.write_bytes(struct.pack("d", time.monotonic() + 3600))
+    assert metrics.await_other_writers(5.0, metrics._pid_alive)
