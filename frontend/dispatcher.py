@@ -187,6 +187,28 @@ class _Pending:
         self.deadline = deadline  # event-loop time
 
 
+class _Outgoing:
+    """A request waiting for the end of the loop iteration to be sent."""
+
+    __slots__ = ("body", "payload", "pending", "sent", "seq", "workers")
+
+    def __init__(
+        self,
+        workers: list[int],
+        payload: bytes,
+        seq: int,
+        pending: _Pending,
+        body: BodyLease | None,
+        sent: asyncio.Future[int],
+    ) -> None:
+        self.workers = workers
+        self.payload = payload
+        self.seq = seq
+        self.pending = pending
+        self.body = body
+        self.sent = sent  # the worker it went to, or the DispatchError
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
@@ -240,7 +262,7 @@ class Dispatcher:
         self._fds: list[int] = []
         self._initial_workers = workers
         self._sweep_timer: asyncio.TimerHandle | None = None
-        self._drain_soon = False  # a look at the reply socket is scheduled
+        self._outbox: list[_Outgoing] = []
         self._sweep_at = math.inf  # when the deadline timer fires (inf: not armed)
         self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
 
@@ -327,11 +349,6 @@ class Dispatcher:
                 self.stats["quarantined"] -= 1
             else:
                 pending.future.set_result(reply)
-
-    def _drain_after_sends(self) -> None:
-        self._drain_soon = False
-        if self.sock is not None and not self.sock.closed:  # not closed since it was scheduled
-            self._drain_replies()
 
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
@@ -439,6 +456,8 @@ class Dispatcher:
             input_bytes + estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
         )
         slots = [slot]
+        reply: asyncio.Future[InferReply] = self.loop.create_future()
+        pending = _Pending(reply, -1, slots, self.loop.time() + timeout_s)
         try:
             seq = next(self._seq)
             request = InferRequest(
@@ -454,34 +473,30 @@ class Dispatcher:
                 time.monotonic_ns() + int(timeout_s * 1e9),
                 client_outputs or [],
             )
-            worker = await self._send_within(workers, encode(request), timeout_s)
+            outgoing = _Outgoing(workers, encode(request), seq, pending, body, self.loop.create_future())
+            worker = await self._send_within(outgoing, timeout_s)
         except BaseException:
-            self._free(slots)
+            self._abandon(pending)
             raise
-        if body is not None and body.owned:
-            body.owned = False
-            slots.append(body.slot)
-        reply = await self._await_reply(seq, worker, slots, timeout_s)
-        return self._result(reply, entry, worker, slots)
+        return self._result(await self._await_reply(pending, timeout_s), entry, worker, slots)
 
-    async def _await_reply(self, seq: int, worker: int, slots: list[Slot], timeout_s: float) -> InferReply:
-        """Wait for the worker that owns ``slots`` now; they are ours again only if it died."""
-        loop = self.loop
-        future: asyncio.Future[InferReply] = loop.create_future()
-        deadline = loop.time() + timeout_s
-        self.inflight[seq] = _Pending(future, worker, slots, deadline)
-        per_worker = self.per_worker.get(worker)
-        if per_worker is None:
-            per_worker = self.per_worker[worker] = set()
-        per_worker.add(seq)
-        self.stats["requests"] += 1
-        # A send can consume the FD's edge for a reply that is already queued: look once the
-        # requests of this loop iteration are sent (one look for all of them).
-        if not self._drain_soon:
-            self._drain_soon = True
-            loop.call_soon(self._drain_after_sends)
-        if deadline < self._sweep_at:
-            self._arm_sweep(deadline)
+    def _abandon(self, pending: _Pending) -> None:
+        """The caller leaves before awaiting the reply: free the slots, or quarantine them if sent."""
+        if pending.worker < 0:
+            self._free(pending.slots)  # never sent
+        elif pending.future.done() and not pending.future.cancelled():
+            # Answered (or the worker died) before the caller resumed: the slots are ours.
+            if pending.future.exception() is None:
+                self._drop_spill(pending.future.result().spill)
+            self._free(pending.slots)
+        else:
+            pending.future.cancel()  # the reply or death handler frees them
+            self.stats["quarantined"] += 1
+
+    async def _await_reply(self, pending: _Pending, timeout_s: float) -> InferReply:
+        """Wait for the worker that owns the slots now; they are ours again only if it died."""
+        future = pending.future
+        slots = pending.slots
         try:
             return await future
         except TimeoutError:
@@ -547,7 +562,7 @@ class Dispatcher:
                 spill.close()
             raise
 
-    async def _send_within(self, workers: list[int], payload: bytes, timeout_s: float) -> int:
+    async def _send_within(self, outgoing: _Outgoing, timeout_s: float) -> int:
         """Send, waiting briefly for a connection that is still being made.
 
         The coordinator can list a worker (restarted, or just joined) before this
@@ -557,9 +572,10 @@ class Dispatcher:
         process we already lost is not waited for: that fails at once.
         """
         deadline = time.monotonic() + min(timeout_s, RECONNECT_WAIT_S)
+        workers = outgoing.workers
         while True:
             try:
-                return self._send(workers, payload)
+                return await self._queue(outgoing)
             except DispatchError:
                 coming = [
                     w
@@ -571,6 +587,56 @@ class Dispatcher:
                 if not coming or time.monotonic() + RECONNECT_POLL_S > deadline:
                     raise
             await asyncio.sleep(RECONNECT_POLL_S)
+
+    # Sends are queued and made together at the end of the loop iteration: ZeroMQ wakes its
+    # I/O thread once for a burst of messages instead of once per message. A request is
+    # registered in flight at the moment it is sent, so no reply can arrive before its waiter.
+    def _queue(self, outgoing: _Outgoing) -> asyncio.Future[int]:
+        if outgoing.sent.done():
+            outgoing.sent = self.loop.create_future()  # a retry after a failed attempt
+        if not self._outbox:
+            self.loop.call_soon(self._flush_outbox)
+        self._outbox.append(outgoing)
+        return outgoing.sent
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.sock is None or self.sock.closed:
+            for outgoing in outbox:
+                if not outgoing.sent.done():
+                    outgoing.sent.set_exception(
+                        DispatchError(503, "shutting_down", "frontend is shutting down")
+                    )
+            return
+        for outgoing in outbox:
+            if outgoing.sent.done():
+                continue  # its caller left before the send
+            try:
+                worker = self._send(outgoing.workers, outgoing.payload)
+            except Exception as exc:
+                outgoing.sent.set_exception(exc)
+                continue
+            self._register(outgoing, worker)
+            outgoing.sent.set_result(worker)
+        # A send can consume the FD's edge for a reply that is already queued: look now.
+        self._drain_replies()
+
+    def _register(self, outgoing: _Outgoing, worker: int) -> None:
+        """The request is sent: from now until the reply (or its death) the worker owns the slots."""
+        pending = outgoing.pending
+        pending.worker = worker
+        body = outgoing.body
+        if body is not None and body.owned:
+            body.owned = False
+            pending.slots.append(body.slot)
+        self.inflight[outgoing.seq] = pending
+        per_worker = self.per_worker.get(worker)
+        if per_worker is None:
+            per_worker = self.per_worker[worker] = set()
+        per_worker.add(outgoing.seq)
+        self.stats["requests"] += 1
+        if pending.deadline < self._sweep_at:
+            self._arm_sweep(pending.deadline)
 
     def _send(self, workers: list[int], payload: bytes) -> int:
         sock = self.sock
