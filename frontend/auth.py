@@ -86,16 +86,23 @@ def route_scope(method: str, path: str, metrics_require_auth: bool = False) -> A
         return AuthScope.OPEN
     if path == METRICS_PATH:
         return AuthScope.INFERENCE if metrics_require_auth else AuthScope.OPEN
+    return AuthScope.ADMIN if _is_admin(method, path) else AuthScope.INFERENCE
+
+
+_ADMIN_POSTS = frozenset({"/v1/models/load", "/v2/systemsharedmemory/unregister"})
+
+
+def _is_admin(method: str, path: str) -> bool:
     if method == "POST":
-        if path in ("/v1/models/load", "/v2/systemsharedmemory/unregister"):
-            return AuthScope.ADMIN
-        if path.startswith("/v2/repository/models/") and path.endswith(("/load", "/unload")):
-            return AuthScope.ADMIN
-        if path.startswith("/v2/systemsharedmemory/region/") and path.endswith(("/register", "/unregister")):
-            return AuthScope.ADMIN
-    elif method == "DELETE" and path.startswith("/v1/models/"):
-        return AuthScope.ADMIN
-    return AuthScope.INFERENCE
+        return (
+            path in _ADMIN_POSTS
+            or (path.startswith("/v2/repository/models/") and path.endswith(("/load", "/unload")))
+            or (
+                path.startswith("/v2/systemsharedmemory/region/")
+                and path.endswith(("/register", "/unregister"))
+            )
+        )
+    return method == "DELETE" and path.startswith("/v1/models/")
 
 
 def is_loopback(host: str) -> bool:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,18 @@ RECONNECT_WAIT_S = 1.0
 RECONNECT_POLL_S = 0.01
 # Room given to an output whose size the schema cannot tell (dynamic non-batch dims, strings).
 UNKNOWN_OUTPUT_BYTES = 64 * 1024
+
+
+# Plain ints, not pyzmq's enums: an enum's `&` costs more than the getsockopt it tests.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_SEND_ID = int(zmq.SNDMORE | zmq.NOBLOCK)
+_SEND_LAST = int(zmq.NOBLOCK)
+
+
+@functools.cache
+def _routing_id(worker: int) -> bytes:
+    return endpoints.worker_routing_id(worker)
 
 
 # One error type for the frontend (frontend/errors.py); the name stays for this module's callers.
@@ -154,12 +168,40 @@ class BodyLease:
     owned: bool = True
 
 
-@dataclass
 class _Pending:
-    future: asyncio.Future[InferReply]
-    worker: int
-    slots: list[Slot]
-    sent_ns: int = field(default_factory=time.monotonic_ns)
+    """A request the worker holds: its waiter, the slots to free when it is done, its deadline."""
+
+    __slots__ = ("deadline", "future", "slots", "worker")
+
+    def __init__(
+        self, future: asyncio.Future[InferReply], worker: int, slots: list[Slot], deadline: float
+    ) -> None:
+        self.future = future
+        self.worker = worker
+        self.slots = slots
+        self.deadline = deadline  # event-loop time
+
+
+class _Outgoing:
+    """A request waiting for the end of the loop iteration to be sent."""
+
+    __slots__ = ("body", "payload", "pending", "sent", "seq", "workers")
+
+    def __init__(
+        self,
+        workers: list[int],
+        payload: bytes,
+        seq: int,
+        pending: _Pending,
+        body: BodyLease | None,
+        sent: asyncio.Future[int],
+    ) -> None:
+        self.workers = workers
+        self.payload = payload
+        self.seq = seq
+        self.pending = pending
+        self.body = body
+        self.sent = sent  # the worker it went to, or the DispatchError
 
 
 def _align(n: int) -> int:
@@ -214,6 +256,9 @@ class Dispatcher:
         self._rr = itertools.count()
         self._fds: list[int] = []
         self._initial_workers = workers
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._outbox: list[_Outgoing] = []
+        self._sweep_at = math.inf  # when the deadline timer fires (inf: not armed)
         self.stats = {"requests": 0, "worker_deaths": 0, "quarantined": 0}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -245,6 +290,8 @@ class Dispatcher:
         self._drain_monitor()
 
     async def close(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         for fd in self._fds:
             self.loop.remove_reader(fd)
         for pending in list(self.inflight.values()):
@@ -275,7 +322,7 @@ class Dispatcher:
         sock = self.sock
         assert sock is not None
         # Checking EVENTS (not catching zmq.Again) also re-arms the edge-triggered FD.
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while int(sock.getsockopt(_EVENTS)) & _POLLIN:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 log.error("dropped a worker message with %d frames", len(frames))
@@ -300,7 +347,7 @@ class Dispatcher:
 
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
-        while int(self.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while int(self.monitor.getsockopt(_EVENTS)) & _POLLIN:
             frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             event = parse_monitor_message(frames)
             endpoint = (
@@ -368,6 +415,10 @@ class Dispatcher:
         )
 
     # --- the request path ----------------------------------------------------------
+    # Who frees a request's slots, phase by phase: until the send succeeds, ``infer`` (on any
+    # error); from the send until the reply, the worker (the reply and death handlers free them,
+    # and a caller that gives up leaves them quarantined); after the reply, ``_result`` on an
+    # error, else the returned ``InferResult`` on release.
     async def infer(
         self,
         entry: ModelEntry,
@@ -395,83 +446,117 @@ class Dispatcher:
         sizes = [_align(t.nbytes()) for t in inputs]
         input_bytes = sum(sizes)
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 1
-        out_bytes = estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
-        slot = self.reserve(input_bytes + out_bytes)
+        slot = self.reserve(
+            input_bytes + estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
+        )
         slots = [slot]
-        # Who must free the slot if we leave early: this coroutine, the worker
-        # (freed by the reply/death handlers), or the returned result.
-        owner = "frontend"
-        spill: Segment | None = None
+        reply: asyncio.Future[InferReply] = self.loop.create_future()
+        pending = _Pending(reply, -1, slots, self.loop.time() + timeout_s)
         try:
-            refs = self._write_inputs(slot, inputs, sizes)
             seq = next(self._seq)
             request = InferRequest(
-                seq=seq,
-                trace_id=trace_id,
-                model_id=entry.model_id,
-                version=entry.version,
-                inputs=refs,
-                output_names=output_names,
-                out_segment=self.arena.name,
-                out_offset=slot.offset + input_bytes,
-                out_capacity=slot.size - input_bytes,
-                deadline_ns=time.monotonic_ns() + int(timeout_s * 1e9),
-                client_outputs=client_outputs or [],
+                seq,
+                trace_id,
+                entry.model_id,
+                entry.version,
+                self._write_inputs(slot, inputs, sizes),
+                output_names,
+                self.arena.name,
+                slot.offset + input_bytes,
+                slot.size - input_bytes,
+                time.monotonic_ns() + int(timeout_s * 1e9),
+                client_outputs or [],
             )
-            future: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
-            worker = await self._send_within(workers, encode(request), timeout_s)
-            # From here until the reply (or the worker's death) the worker owns the slots.
-            if body is not None and body.owned:
-                body.owned = False
-                slots.append(body.slot)
-            self.inflight[seq] = _Pending(future, worker, slots)
-            self.per_worker.setdefault(worker, set()).add(seq)
-            self.stats["requests"] += 1
-            owner = "worker"
-            # A send can consume the FD's edge for a reply that is already queued: look now.
-            self.loop.call_soon(self._drain_replies)
-            timer = self.loop.call_later(timeout_s, _expire, future)
-            try:
-                reply = await future
-            except TimeoutError:
-                self.stats["quarantined"] += 1
-                raise DispatchError(
-                    504,
-                    "deadline_exceeded",
-                    f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
-                ) from None
-            except asyncio.CancelledError:
-                # Client went away: the reply handler frees the slot when the worker is done.
-                self.stats["quarantined"] += 1
-                raise
-            except DispatchError:
-                owner = "frontend"  # worker died: the slot is ours again
-                raise
-            finally:
-                timer.cancel()
-            owner = "frontend"  # reply arrived: the slot is ours again
+            outgoing = _Outgoing(workers, encode(request), seq, pending, body, self.loop.create_future())
+            worker = await self._send_within(outgoing, timeout_s)
+        except BaseException:
+            self._abandon(pending)
+            raise
+        return self._result(await self._await_reply(pending, timeout_s), entry, worker, slots)
+
+    def _abandon(self, pending: _Pending) -> None:
+        """The caller leaves before awaiting the reply: free the slots, or quarantine them if sent."""
+        if pending.worker < 0:
+            self._free(pending.slots)  # never sent
+        elif pending.future.done() and not pending.future.cancelled():
+            # Answered (or the worker died) before the caller resumed: the slots are ours.
+            if pending.future.exception() is None:
+                self._drop_spill(pending.future.result().spill)
+            self._free(pending.slots)
+        else:
+            pending.future.cancel()  # the reply or death handler frees them
+            self.stats["quarantined"] += 1
+
+    async def _await_reply(self, pending: _Pending, timeout_s: float) -> InferReply:
+        """Wait for the worker that owns the slots now; they are ours again only if it died."""
+        future = pending.future
+        slots = pending.slots
+        try:
+            return await future
+        except TimeoutError:
+            self.stats["quarantined"] += 1
+            raise DispatchError(
+                504,
+                "deadline_exceeded",
+                f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
+            ) from None
+        except asyncio.CancelledError:
+            # Client went away: the reply handler frees the slot when the worker is done.
+            self.stats["quarantined"] += 1
+            raise
+        except DispatchError:
+            self._free(slots)  # the worker died: the slots are ours again
+            raise
+
+    # One timer for every deadline rather than one per request: it fires at the earliest
+    # deadline of the requests in flight, expires what is due and re-arms for the next one.
+    # Requests mostly share one timeout, so it is re-armed about once per timeout, not per request.
+    def _arm_sweep(self, when: float) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = when
+        self._sweep_timer = self.loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        self._sweep_at = math.inf
+        # The loop's clock and timers have millisecond resolution: what is due within it is due now.
+        now = self.loop.time() + 0.001
+        earliest = math.inf
+        for pending in self.inflight.values():
+            if pending.future.done():
+                continue  # answered, or already given up (quarantined until the reply)
+            if pending.deadline <= now:
+                pending.future.set_exception(TimeoutError())
+            elif pending.deadline < earliest:
+                earliest = pending.deadline
+        if earliest < math.inf:
+            self._arm_sweep(earliest)
+
+    def _result(self, reply: InferReply, entry: ModelEntry, worker: int, slots: list[Slot]) -> InferResult:
+        """The reply as views of shared memory, owning ``slots`` (and a spill) until released."""
+        spill: Segment | None = None
+        try:
             if reply.spill:
                 spill = Segment.attach(reply.spill)  # ours from now on; unlinked on release
             if reply.status != Status.OK:
                 raise _reply_error(reply, entry)
-            result = InferResult(
-                outputs=self._read_outputs(reply, spill),
-                worker=worker,
-                queue_us=reply.queue_us,
-                compute_us=reply.compute_us,
-                batch_rows=reply.batch_rows,
-                _release=(self.arena, slots, spill),
+            return InferResult(
+                self._read_outputs(reply, spill),
+                worker,
+                reply.queue_us,
+                reply.compute_us,
+                reply.batch_rows,
+                (self.arena, slots, spill),
             )
-            owner = "result"
-        finally:
-            if owner == "frontend":
-                self._free(slots)
-                if spill is not None:
-                    spill.unlink()
-                    spill.close()
-        return result
+        except BaseException:
+            self._free(slots)
+            if spill is not None:
+                spill.unlink()
+                spill.close()
+            raise
 
-    async def _send_within(self, workers: list[int], payload: bytes, timeout_s: float) -> int:
+    async def _send_within(self, outgoing: _Outgoing, timeout_s: float) -> int:
         """Send, waiting briefly for a connection that is still being made.
 
         The coordinator can list a worker (restarted, or just joined) before this
@@ -481,9 +566,10 @@ class Dispatcher:
         process we already lost is not waited for: that fails at once.
         """
         deadline = time.monotonic() + min(timeout_s, RECONNECT_WAIT_S)
+        workers = outgoing.workers
         while True:
             try:
-                return self._send(workers, payload)
+                return await self._queue(outgoing)
             except DispatchError:
                 coming = [
                     w
@@ -496,11 +582,65 @@ class Dispatcher:
                     raise
             await asyncio.sleep(RECONNECT_POLL_S)
 
+    # Sends are queued and made together at the end of the loop iteration: ZeroMQ wakes its
+    # I/O thread once for a burst of messages instead of once per message. A request is
+    # registered in flight at the moment it is sent, so no reply can arrive before its waiter.
+    def _queue(self, outgoing: _Outgoing) -> asyncio.Future[int]:
+        if outgoing.sent.done():
+            outgoing.sent = self.loop.create_future()  # a retry after a failed attempt
+        if not self._outbox:
+            self.loop.call_soon(self._flush_outbox)
+        self._outbox.append(outgoing)
+        return outgoing.sent
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.sock is None or self.sock.closed:
+            for outgoing in outbox:
+                if not outgoing.sent.done():
+                    outgoing.sent.set_exception(
+                        DispatchError(503, "shutting_down", "frontend is shutting down")
+                    )
+            return
+        for outgoing in outbox:
+            if outgoing.sent.done():
+                continue  # its caller left before the send
+            try:
+                worker = self._send(outgoing.workers, outgoing.payload)
+            except Exception as exc:
+                outgoing.sent.set_exception(exc)
+                continue
+            self._register(outgoing, worker)
+            outgoing.sent.set_result(worker)
+        # A send can consume the FD's edge for a reply that is already queued: look now.
+        self._drain_replies()
+
+    def _register(self, outgoing: _Outgoing, worker: int) -> None:
+        """The request is sent: from now until the reply (or its death) the worker owns the slots."""
+        pending = outgoing.pending
+        pending.worker = worker
+        body = outgoing.body
+        if body is not None and body.owned:
+            body.owned = False
+            pending.slots.append(body.slot)
+        self.inflight[outgoing.seq] = pending
+        per_worker = self.per_worker.get(worker)
+        if per_worker is None:
+            per_worker = self.per_worker[worker] = set()
+        per_worker.add(outgoing.seq)
+        self.stats["requests"] += 1
+        if pending.deadline < self._sweep_at:
+            self._arm_sweep(pending.deadline)
+
     def _send(self, workers: list[int], payload: bytes) -> int:
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         for worker in workers:
             try:
-                self.sock.send_multipart([endpoints.worker_routing_id(worker), payload], flags=zmq.NOBLOCK)
+                # Two plain sends, not send_multipart: its per-call checks cost more than the send.
+                # ROUTER_MANDATORY fails on the routing-id frame, before anything is queued.
+                sock.send(_routing_id(worker), _SEND_ID)
+                sock.send(payload, _SEND_LAST)
                 return worker
             except zmq.Again:
                 continue  # its queue is full: try the next one
@@ -556,11 +696,6 @@ class Dispatcher:
                 data = None  # a client's region: the client reads it there
             outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
         return outputs
-
-
-def _expire(future: asyncio.Future[InferReply]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def _reply_error(reply: InferReply, entry: ModelEntry) -> DispatchError:

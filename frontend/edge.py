@@ -26,18 +26,114 @@ import asyncio
 
 import orjson
 from starlette.types import Receive, Scope, Send
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from model_server.settings import Settings
 
 from .errors import error_response
-from .middleware import PROBE_PATHS
+from .middleware import BODY_RECEIVED, PROBE_PATHS
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """httptools with the bounds above; ``protocol_class`` binds the class attributes to settings."""
+
+    header_timeout_s = 10.0
+    max_header_bytes = 16 * 1024
+    limit = 1000
+    overloaded: ASGI3Application
+
+    _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes = 0
+    _in_headers = False  # a request has begun and its headers are not complete yet
+    _refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # headers refused: read and dropped until the connection closes
+        super().data_received(data)
+        # Still inside a request's headers after this chunk: count it towards their bound, and
+        # time them. A request whose headers came whole in this chunk never arms a timer.
+        if self._in_headers and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse_headers()
+            else:
+                self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._disarm()
+        limit = self.limit
+        busy = len(self.connections) >= limit or len(self.tasks) >= limit
+        if not busy or self.url.split(b"?", 1)[0].decode("latin-1") in PROBE_PATHS:
+            super().on_headers_complete()
+            return
+        # uvicorn picks the app for the request in this callback: swap it for the refusal.
+        app = self.app
+        self.app = self.overloaded
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The whole body is buffered: the middleware's body deadline has nothing to wait for.
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse_headers(self) -> None:
+        self._disarm()
+        self._refused = True
+        message = f"request headers exceed MODEL_SERVER_MAX_HEADER_BYTES={self.max_header_bytes}"
+        body: object = {"error": message}
+        if not getattr(self, "url", b"").startswith(b"/v2"):
+            error = {"code": "headers_too_large", "message": message, "request_id": "", "details": {}}
+            body = {"error": error}
+        payload = orjson.dumps(body)
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(payload)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + payload
+        )
+        # A lingering close: closing with unread bytes would reset the connection and could
+        # destroy the answer before the client reads it. Half-close, drop what still comes,
+        # and close when the client does or one more header timeout has passed.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
 
 
 def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
     """The httptools protocol class uvicorn's ``Config(http=...)`` takes, bound to ``settings``."""
-    header_timeout_s = settings.header_timeout_s
-    max_header_bytes = settings.max_header_bytes
     limit = settings.limit_concurrency
 
     async def overloaded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,82 +147,10 @@ def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
         response.headers["connection"] = "close"  # shed the connection too, not just the request
         await response(scope, receive, send)
 
-    class EdgeHttpProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _header_bytes = 0
-        _refused = False
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return  # headers refused: read and dropped until the connection closes
-            super().data_received(data)
-            # Still inside a request's headers after this chunk: count it towards their bound.
-            if self._header_timer is not None and not self.transport.is_closing():
-                self._header_bytes += len(data)
-                if self._header_bytes > max_header_bytes:
-                    self._refuse_headers()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            busy = len(self.connections) >= limit or len(self.tasks) >= limit
-            if not busy or self.url.split(b"?", 1)[0].decode("latin-1") in PROBE_PATHS:
-                super().on_headers_complete()
-                return
-            # uvicorn picks the app for the request in this callback: swap it for the refusal.
-            app = self.app
-            self.app = overloaded
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_bytes = 0
-                self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timeout(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def _refuse_headers(self) -> None:
-            self._disarm()
-            self._refused = True
-            message = f"request headers exceed MODEL_SERVER_MAX_HEADER_BYTES={max_header_bytes}"
-            body: object = {"error": message}
-            if not getattr(self, "url", b"").startswith(b"/v2"):
-                error = {"code": "headers_too_large", "message": message, "request_id": "", "details": {}}
-                body = {"error": error}
-            payload = orjson.dumps(body)
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                b"content-type: application/json\r\n"
-                b"content-length: " + str(len(payload)).encode() + b"\r\n"
-                b"connection: close\r\n\r\n" + payload
-            )
-            # A lingering close: closing with unread bytes would reset the connection and could
-            # destroy the answer before the client reads it. Half-close, drop what still comes,
-            # and close when the client does or one more header timeout has passed.
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
-
-    return EdgeHttpProtocol
+    attributes = {
+        "header_timeout_s": settings.header_timeout_s,
+        "max_header_bytes": settings.max_header_bytes,
+        "limit": limit,
+        "overloaded": staticmethod(overloaded),
+    }
+    return type("BoundEdgeHttpProtocol", (EdgeHttpProtocol,), attributes)

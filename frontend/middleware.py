@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -25,6 +25,9 @@ from .errors import ApiError
 log = logging.getLogger("model_server.access")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Scope key the server's protocol (frontend.edge) sets once a request's whole body is in its
+# buffer: reading it then cannot wait, so it needs no deadline timer.
+BODY_RECEIVED = "model_server.body_received"
 PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
@@ -83,6 +86,114 @@ class Activity:
         self.draining = False
 
 
+class _Exchange:
+    """One HTTP request's state in the middleware: its ``send`` and ``receive`` wrappers.
+
+    Bound methods of one small object rather than closures over lists: fewer allocations per
+    request, and the body deadline is one timer handle armed only while a body is awaited.
+    """
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "body_done",
+        "deadline",
+        "header",
+        "middleware",
+        "scope",
+        "seen",
+        "status",
+        "timed_out",
+        "timer",
+        "waiter",
+    )
+
+    def __init__(
+        self, middleware: RequestContextMiddleware, scope: Scope, receive: Receive, send: Send, header: Any
+    ) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.header = header
+        self.status = 0
+        self.seen = 0
+        self.body_done = middleware.body_timeout_s is None  # no deadline: nothing to watch
+        self.deadline = 0.0
+        self.timed_out = False  # the rest of the body will never be read: the connection goes
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiter: asyncio.Task[Any] | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.middleware.activity.draining or self.timed_out:
+                extra = [self.header, (b"connection", b"close")]
+            else:
+                extra = [self.header]
+            message["headers"] = [*message.get("headers", ()), *extra]
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        if self.timed_out:
+            self._expire_now()  # the rest of the body will never be read: every read fails
+        if self.body_done or BODY_RECEIVED in self.scope:
+            message = await self._receive()
+        else:
+            message = await self._receive_by_deadline()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            limit = self.middleware.max_body_bytes
+            if self.seen > limit:
+                raise BodyTooLarge(self.seen, limit)
+            if not message.get("more_body", False):
+                self._body_finished()
+        else:
+            self._body_finished()  # disconnected: nothing more will come
+        return message
+
+    async def _receive_by_deadline(self) -> Message:
+        # uvicorn has no body-read timeout: a client that announces a body and sends it slowly
+        # would hold whatever the handler reserved for it. One timer for the whole body, armed
+        # at the first read (a body read in one piece arms and cancels it once).
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_at(self.deadline, self._on_deadline)
+        self.waiter = asyncio.current_task()
+        try:
+            return await self._receive()
+        except asyncio.CancelledError:
+            task = self.waiter
+            if not self.timed_out or task is None or task.uncancel() > 0:
+                raise  # cancelled for another reason (client gone, shutdown): not ours to swallow
+            self._expire_now()
+        finally:
+            self.waiter = None
+
+    def _on_deadline(self) -> None:
+        self.timer = None
+        if self.body_done:
+            return
+        self.timed_out = True
+        # Waiting for the body now: interrupt the wait. Otherwise the next read fails at once.
+        if self.waiter is not None:
+            self.waiter.cancel()
+
+    def _expire_now(self) -> NoReturn:
+        self.cancel_timer()
+        timeout_s = self.middleware.body_timeout_s
+        assert timeout_s is not None
+        raise BodyTimeout(self.seen, timeout_s)
+
+    def _body_finished(self) -> None:
+        self.body_done = True
+        self.cancel_timer()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
@@ -101,11 +212,8 @@ class RequestContextMiddleware:
         self.access_log = access_log
         self.body_timeout_s = body_timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
+    def _read_headers(self, scope: Scope) -> tuple[str, int]:
+        """(request id, announced body length or -1) from the raw headers, in one pass."""
         request_id = ""
         length = -1
         for name, value in scope["headers"]:
@@ -120,66 +228,45 @@ class RequestContextMiddleware:
                     length = -1
         if not request_id:
             request_id = f"{self._id_prefix}{next(self._ids):x}"
+        return request_id, length
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id, length = self._read_headers(scope)
         token = request_id_var.set(request_id)
         self.activity.active += 1
-        header = (b"x-request-id", request_id.encode())
-        status = [0]
-        # Set when the body timed out: the rest of it will never be read, so the connection goes.
-        timed_out = [False]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                close = self.activity.draining or timed_out[0]
-                extra = [header, (b"connection", b"close")] if close else [header]
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
+        exchange = _Exchange(self, scope, receive, send, (b"x-request-id", request_id.encode()))
         try:
-            if length > self.max_body_bytes:
-                await self._too_large(scope, send_with_id, length)
-                return
-            seen = [0]
-            body_done = [False]
-            timeout_s = self.body_timeout_s
-            deadline = started + timeout_s if timeout_s is not None else 0.0
-
-            async def limited_receive() -> Message:
-                if body_done[0] or timeout_s is None:
-                    message = await receive()
-                else:
-                    # uvicorn has no body-read timeout: a client that announces a body and sends
-                    # it slowly would hold whatever the handler reserved for it.
-                    try:
-                        async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
-                            message = await receive()
-                    except TimeoutError:
-                        timed_out[0] = True
-                        raise BodyTimeout(seen[0], timeout_s) from None
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > self.max_body_bytes:
-                        raise BodyTooLarge(seen[0], self.max_body_bytes)
-                    if not message.get("more_body", False):
-                        body_done[0] = True
-                else:
-                    body_done[0] = True  # disconnected: nothing more will come
-                return message
-
-            try:
-                await self.app(scope, limited_receive, send_with_id)
-            except BodyTooLarge:
-                if status[0] == 0:
-                    await self._too_large(scope, send_with_id, seen[0])
+            await self._serve(scope, exchange, length)
         finally:
             self.activity.active -= 1
+            exchange.cancel_timer()  # the handler may have left before reading the whole body
             if self.access_log:
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                path = scope["path"]
-                level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
-                if log.isEnabledFor(level):
-                    log.log(level, "%s %s %d %.2fms", scope["method"], path, status[0] or 500, elapsed_ms)
+                self._log(scope, exchange.status, started)
             request_id_var.reset(token)
+
+    async def _serve(self, scope: Scope, exchange: _Exchange, length: int) -> None:
+        if length > self.max_body_bytes:
+            await self._too_large(scope, exchange.send, length)
+            return
+        if self.body_timeout_s is not None:
+            exchange.deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        except BodyTooLarge:
+            if exchange.status == 0:
+                await self._too_large(scope, exchange.send, exchange.seen)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        path = scope["path"]
+        level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
+        if log.isEnabledFor(level):
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.log(level, "%s %s %d %.2fms", scope["method"], path, status or 500, elapsed_ms)
 
     async def _too_large(self, scope: Scope, send: Send, size: int) -> None:
         message = f"request body of {size} bytes exceeds MODEL_SERVER_MAX_REQUEST_BYTES={self.max_body_bytes}"

@@ -8,11 +8,8 @@ eviction removed from every worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import zmq.asyncio
@@ -28,13 +25,44 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Tracker:
-    """What one inference request's metrics need, filled in as the request goes."""
+    """What one inference request's metrics need, filled in as the request goes.
 
-    model: str = ""  # set once the model is known: unknown names never become label values
-    version: str = ""
-    result: InferResult | None = None
+    Also the context manager ``Service.track`` returns (a plain class: a generator-based
+    context manager costs a generator and two frames per request).
+    """
+
+    __slots__ = ("model", "protocol", "result", "service", "started", "version")
+
+    def __init__(self, service: Service, protocol: str) -> None:
+        self.service = service
+        self.protocol = protocol
+        self.model = ""  # set once the model is known: unknown names never become label values
+        self.version = ""
+        self.result: InferResult | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> Tracker:
+        self.service.inflight += 1
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        service = self.service
+        service.inflight -= 1
+        if kind is None:
+            status = 200
+        elif isinstance(exc, (ApiError, DispatchError)):
+            status = 400 if (self.protocol == "v2" and exc.status == 422) else exc.status
+        else:
+            status = 500
+        key = (self.model or "unknown", self.version, self.protocol, status)
+        duration = time.perf_counter() - self.started
+        result = self.result
+        if result is None:
+            service.request_metrics.record(key, duration)
+        else:
+            service.request_metrics.record(key, duration, result.queue_us / 1e6, result.compute_us / 1e6)
 
 
 GAUGE_PERIOD_S = 1.0
@@ -54,7 +82,7 @@ class Service:
         self.coordinator.on_table(self.dispatcher.on_table)
         self.draining = False
         self.inflight = 0
-        self._series: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self.request_metrics = metrics.RequestMetrics(settings.metrics_flush_interval_s)
         self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -72,6 +100,7 @@ class Service:
     async def close(self) -> None:
         if self._gauges is not None:
             self._gauges.cancel()
+        self.request_metrics.close()
         await self.coordinator.close()
         await self.dispatcher.close()
         self.ctx.term()
@@ -80,42 +109,13 @@ class Service:
     def table(self) -> Table:
         return self.coordinator.table
 
-    @contextlib.contextmanager
-    def track(self, protocol: str) -> Iterator[Tracker]:
-        """Count one inference request: outcome, latency, queue and compute time, in flight."""
-        tracker = Tracker()
-        self.inflight += 1
-        started = time.perf_counter()
-        status = 500
-        try:
-            yield tracker
-            status = 200
-        except (ApiError, DispatchError) as exc:
-            status = 400 if (protocol == "v2" and exc.status == 422) else exc.status
-            raise
-        finally:
-            self.inflight -= 1
-            model = tracker.model or "unknown"
-            version = tracker.version
-            key = (model, version, protocol, status)
-            series = self._series.get(key)
-            if series is None:
-                # Label lookups cost more than the updates: keep the children per label set.
-                series = self._series[key] = (
-                    metrics.REQUESTS.labels(model, version, protocol, str(status)),
-                    metrics.REQUEST_DURATION.labels(
-                        model, version, protocol, "success" if status == 200 else "fail"
-                    ),
-                    metrics.QUEUE_DURATION.labels(model, version),
-                    metrics.COMPUTE_DURATION.labels(model, version),
-                    metrics.LAST_INFERENCE.labels(model, version),
-                )
-            series[0].inc()
-            series[1].observe(time.perf_counter() - started)
-            if tracker.result is not None:
-                series[2].observe(tracker.result.queue_us / 1e6)
-                series[3].observe(tracker.result.compute_us / 1e6)
-                series[4].set(time.time() * 1000)
+    def track(self, protocol: str) -> Tracker:
+        """Count one inference request: outcome, latency, queue and compute time, in flight.
+
+        Counted in memory and written to the multiprocess files in batches
+        (``metrics.RequestMetrics``, ``MODEL_SERVER_METRICS_FLUSH_INTERVAL_S``).
+        """
+        return Tracker(self, protocol)
 
     # --- models ----------------------------------------------------------------------
     def _lookup(self, model_id: str, version: str | None) -> ModelEntry | None:

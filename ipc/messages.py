@@ -33,6 +33,7 @@ endpoint               binder    peers / messages
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -362,10 +363,8 @@ CoordinatorToClient = ClientReply | TableSnapshot
 # ----------------------------------------------------------------------------
 
 encoder = msgspec.msgpack.Encoder()
-
-
-def encode(message: Any) -> bytes:
-    return encoder.encode(message)
+# The encoder's own method, not a wrapper: one Python frame less on every request sent.
+encode: Callable[[Any], bytes] = encoder.encode
 
 
 T = TypeVar("T")

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="`text` or `json` (one object per line).")
     access_log: bool = Field(True, description="Log one line per HTTP request (health probes excluded).")
+    metrics_flush_interval_s: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="Longest time a frontend keeps request counts in memory before writing them to the "
+        "metrics files (0: each request at once). A frontend serving /metrics or statistics waits up to "
+        "this long for the other frontends' counts of requests answered before it.",
+    )
 
     # --- models ----------------------------------------------------------------
     model_repository: Path = Field(
