@@ -212,8 +212,6 @@ class CoordinatorCore:
             epoch=self.epoch,
             ready=ready,
             reasons=reasons,
-            # Frontends drain themselves and the coordinator stops last: it never drains.
-            draining=False,
             models=[self.entry_out(e) for _, e in sorted(self.models.items())],
             workers=[
                 WorkerState(

@@ -336,7 +336,6 @@ class TableSnapshot(msgspec.Struct, tag="table", array_like=True, gc=False):
     epoch: int
     ready: bool
     reasons: list[str]
-    draining: bool
     models: list[ModelEntry]
     workers: list[WorkerState]
     sent_at: float = 0.0

@@ -586,7 +586,7 @@ def test_readiness_reasons(tmp_path: Path) -> None:
     world.loaded(0)
     assert world.core.readiness() == (True, [])
     snap = world.core.snapshot()
-    assert (snap.ready, snap.draining, snap.reasons) == (True, False, [])
+    assert (snap.ready, snap.reasons) == (True, [])
 
 
 def test_readiness_needs_a_live_holder_of_startup_models(world: World) -> None:

@@ -11,7 +11,7 @@ def entry(model_id: str, version: str, state: ModelState) -> ModelEntry:
 
 
 def snapshot(entries: list[ModelEntry]) -> TableSnapshot:
-    return TableSnapshot(epoch=1, ready=True, reasons=[], draining=False, models=entries, workers=[])
+    return TableSnapshot(epoch=1, ready=True, reasons=[], models=entries, workers=[])
 
 
 def test_latest_is_the_newest_ready_version_and_named_any_version() -> None:
