@@ -142,12 +142,14 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     MODEL_SERVER_HOST=0.0.0.0 \
     MODEL_SERVER_PORT=8001 \
+    MODEL_SERVER_GRPC_PORT=8002 \
     MODEL_SERVER_RUN_DIR=/tmp/model-server \
     MODEL_SERVER_CACHE_DIR=/var/cache/model-server \
     MODEL_SERVER_MODEL_REPOSITORY=/mnt/models
 
 USER 10001:10001
-EXPOSE 8001
+# 8001: HTTP (REST, /metrics, probes); 8002: gRPC (KServe V2 / Triton, grpc.health.v1).
+EXPOSE 8001 8002
 STOPSIGNAL SIGTERM
 
 # Liveness only (/health); readiness (/ready) is for load balancers and stays

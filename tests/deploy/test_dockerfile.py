@@ -267,10 +267,11 @@ def test_runs_as_a_numeric_non_root_user(final: Stage) -> None:
 
 def test_exposes_the_settings_port(final: Stage, stages: list[Stage]) -> None:
     exposed = {word.split("/")[0] for i in final.all("EXPOSE") for word in i.args.split()}
-    assert exposed == {"8001"}
-    default = Settings.model_fields["port"].default
-    assert default == 8001
-    assert image_env(stages).get("MODEL_SERVER_PORT", str(default)) == "8001"
+    assert exposed == {"8001", "8002"}
+    assert Settings.model_fields["port"].default == 8001
+    assert Settings.model_fields["grpc_port"].default == 8002
+    env = image_env(stages)
+    assert (env.get("MODEL_SERVER_PORT"), env.get("MODEL_SERVER_GRPC_PORT")) == ("8001", "8002")
 
 
 def test_healthcheck_probes_health_without_curl(final: Stage) -> None:
@@ -372,4 +373,4 @@ def test_image_settings_validate(stages: list[Stage], monkeypatch: pytest.Monkey
         pytest.fail(f"the image's MODEL_SERVER_* values do not validate:\n{exc}")
     # ipc:// socket paths must stay short (ipc/endpoints.py: MAX_IPC_PATH).
     assert len(str(settings.run_dir)) < 40
-    assert settings.port == 8001
+    assert (settings.port, settings.grpc_port) == (8001, 8002)

@@ -332,8 +332,8 @@ def test_probes_hit_health_and_ready_on_the_container_port(
     server: Doc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = settings_from(env_of(server), monkeypatch)
-    ports = [p["containerPort"] for p in server["ports"]]
-    assert ports == [8001] == [settings.port]
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"http": 8001, "grpc": 8002} == {"http": settings.port, "grpc": settings.grpc_port}
     expected = {"startupProbe": "/health", "livenessProbe": "/health", "readinessProbe": "/ready"}
     for probe, path in expected.items():
         get = server[probe]["httpGet"]
@@ -435,8 +435,10 @@ def test_service_targets_the_container_port(deployment: Doc, server: Doc) -> Non
     selector = service["spec"]["selector"]
     assert selector.items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
-    assert port_number(server, port["targetPort"]) == 8001
+    targets = {p["name"]: port_number(server, p["targetPort"]) for p in service["spec"]["ports"]}
+    assert targets == {"http": 8001, "grpc": 8002}
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"  # tells ingresses and meshes to speak HTTP/2
 
 
 def test_hpa_targets_the_deployment(deployment: Doc) -> None:
