@@ -9,33 +9,25 @@ without ``/versions/{version}`` are one handler each (``rest.route_pair``).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import msgspec
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ipc import client_shm, datatypes
-from ipc.messages import ShmRegion, TensorSpec
-from model_server import __version__, naming
 from model_server.logs import request_id_var
-from model_server.models_file import MAX_URI_LENGTH, ModelsFileError, model_config_from
-from model_server.naming import version_key
 
-from . import responses, rest, stats, v2_codec, v2_schemas
+from . import control, responses, rest, v2_codec, v2_schemas
 from .call import InferenceCall, execute
 from .dispatcher import BodyLease
 from .errors import ApiError
-from .rest import Handler, inference_body, json_response, parse_object, route_pair, service_of, tensor_specs
+from .rest import Handler, inference_body, json_response, parse_object, route_pair, service_of
 from .schemas import ReadyResponse, doc, request_body
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-PLATFORM = "onnxruntime_onnx"
 INFER_EXAMPLES = [
     {
         "id": "42",
@@ -62,13 +54,6 @@ def _model_route(method: str, suffix: str = "", **options: Any) -> Callable[[Han
     return route_pair(router, method, "/models/{model}", suffix, **options)
 
 
-def extensions(service: Service) -> list[str]:
-    names = ["binary_tensor_data", "classification", "model_repository", "statistics"]
-    if service.settings.allow_client_shm:
-        names.append("system_shared_memory")
-    return names
-
-
 # --- health and metadata ----------------------------------------------------------------
 
 
@@ -88,13 +73,7 @@ router.add_api_route(
 
 @router.get("", response_model=v2_schemas.ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    return json_response(
-        {"name": "model-server", "version": __version__, "extensions": extensions(service_of(request))}
-    )
-
-
-def _versions(service: Service, model: str) -> list[str]:
-    return sorted(v for (m, v), e in service.table.models.items() if m == model and e.state == "ready")
+    return json_response(control.server_metadata(service_of(request)))
 
 
 # --- statistics extension (registered before /models/{model}, which would take "stats") ---
@@ -102,39 +81,21 @@ def _versions(service: Service, model: str) -> list[str]:
 
 @router.get("/models/stats", summary="Statistics of every loaded model", responses=responses.V2_SERVER)
 async def all_model_stats(request: Request) -> Response:
-    service = service_of(request)
-    await service.coordinator.refresh()
-    keys = sorted(k for k, e in service.table.models.items() if e.state == "ready")
-    return json_response(await asyncio.to_thread(stats.model_stats, keys))
+    return json_response(await control.statistics(service_of(request), None, None))
 
 
 @_model_route("GET", "/stats", summary="Model statistics", responses=responses.V2_MODEL)
 async def model_stats(model: str, request: Request) -> Response:
-    service, version = service_of(request), request.path_params.get("version")
-    entry = await service.entry(model, version, require_ready=False)  # unknown: 404, no table snapshot
-    await service.coordinator.refresh()  # the version list below, as the coordinator has it now
-    versions = [version] if version is not None else _versions(service, model) or [entry.version]
-    keys = [(entry.model_id, v) for v in versions]
-    # Reading every process's metric files is blocking I/O: kept off the event loop.
-    return json_response(await asyncio.to_thread(stats.model_stats, keys))
+    version = request.path_params.get("version")
+    return json_response(await control.statistics(service_of(request), model, version))
 
 
 @_model_route(
     "GET", response_model=v2_schemas.ModelMetadata, summary="Model metadata", responses=responses.V2_MODEL
 )
 async def model_metadata(model: str, request: Request) -> Response:
-    service = service_of(request)
-    entry = await service.entry(model, request.path_params.get("version"), require_ready=False)
-    schema = entry.schema
-    return json_response(
-        {
-            "name": entry.model_id,
-            "versions": _versions(service, model) or [entry.version],
-            "platform": PLATFORM,
-            "inputs": tensor_specs(schema.inputs) if schema else [],
-            "outputs": tensor_specs(schema.outputs) if schema else [],
-        }
-    )
+    version = request.path_params.get("version")
+    return json_response(await control.model_metadata(service_of(request), model, version))
 
 
 @_model_route(
@@ -146,52 +107,18 @@ async def model_metadata(model: str, request: Request) -> Response:
 )
 async def model_ready(model: str, request: Request) -> Response:
     version = request.path_params.get("version")
-    # Asked right after an unload made through another frontend process, this process's
-    # snapshot may still say ready; readiness is a control-plane call, so ask the owner
-    # (for this model only: an unknown name costs no snapshot of the table).
-    reply = await service_of(request).coordinator.lookup(model, version)
-    if reply.status != 200 or reply.entry is None:
+    entry = await control.model_ready(service_of(request), model, version)
+    if entry is None:
         what = f"{model}:{version}" if version else model
         raise ApiError(404, "model_not_found", f"model {what} is not loaded", {"model_id": model})
-    entry = reply.entry
     ok = entry.state == "ready"
-    body = {"name": entry.model_id, "version": entry.version, "ready": ok}
-    return json_response(body, 200 if ok else 400)
-
-
-TRITON_TYPES = {t: "TYPE_STRING" if t == "BYTES" else f"TYPE_{t}" for t in datatypes.KNOWN}
-
-
-def _triton_io(specs: list[TensorSpec], batched: int) -> list[dict[str, Any]]:
-    dims = [t.shape[1:] if batched else t.shape for t in specs]
-    return [
-        {"name": t.name, "data_type": TRITON_TYPES[t.datatype], "dims": d}
-        for t, d in zip(specs, dims, strict=True)
-    ]
+    return json_response({"name": entry.model_id, "version": entry.version, "ready": ok}, 200 if ok else 400)
 
 
 @_model_route("GET", "/config", summary="Model configuration (Triton-style)", responses=responses.V2_MODEL)
 async def model_config(model: str, request: Request) -> Response:
-    """What Triton's config endpoint returns, so perf_analyzer and tritonclient tools work."""
-    entry = await service_of(request).entry(model, request.path_params.get("version"), require_ready=False)
-    schema = entry.schema
-    batching = entry.config.batching
-    max_batch = batching.max_batch_size if schema and schema.batched else 0
-
-    config: dict[str, Any] = {
-        "name": entry.model_id,
-        "platform": PLATFORM,
-        "backend": "onnxruntime",
-        "max_batch_size": max_batch,
-        "input": _triton_io(schema.inputs, max_batch) if schema else [],
-        "output": _triton_io(schema.outputs, max_batch) if schema else [],
-    }
-    if max_batch:
-        config["dynamic_batching"] = {
-            "max_queue_delay_microseconds": batching.max_queue_delay_us,
-            "preferred_batch_size": batching.preferred_batch_sizes,
-        }
-    return json_response(config)
+    version = request.path_params.get("version")
+    return json_response(await control.model_config(service_of(request), model, version))
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -250,43 +177,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 )
 async def repository_index(request: Request) -> Response:
     body = await _json_body(request)
-    reply = await service_of(request).coordinator.index()
-    items = [
-        {"name": i.name, "version": i.version, "state": i.state, "reason": i.reason} for i in reply.index
-    ]
-    if body.get("ready"):
-        items = [i for i in items if i["state"] == "READY"]
-    return json_response(items)
-
-
-# A Triton model config's batching fields: (load option, prefix in the config, field).
-_CONFIG_FIELDS = (
-    ("max_batch_size", "", "max_batch_size"),
-    ("max_queue_delay_us", "dynamic_batching.", "max_queue_delay_microseconds"),
-    ("preferred_batch_sizes", "dynamic_batching.", "preferred_batch_size"),
-)
-
-
-def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Batching options from load parameters, or from a Triton model config passed as ``config``,
-    and the name each came by (for an error that names what the client sent)."""
-    options = {k: v for k, v in parameters.items() if k not in {"config", "version", "registry_uri"}}
-    names = {k: f"parameters.{k}" for k in options}
-    raw = parameters.get("config")
-    if raw:
-        try:
-            config = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, "invalid_config", f"parameters.config is not JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise ApiError(400, "invalid_config", "parameters.config must be a JSON object")
-        dynamic = config.get("dynamic_batching") or {}
-        sources = {"": config, "dynamic_batching.": dynamic if isinstance(dynamic, dict) else {}}
-        for option, prefix, field in _CONFIG_FIELDS:
-            if field in sources[prefix] and option not in options:
-                options[option] = sources[prefix][field]
-                names[option] = f"parameters.config.{prefix}{field}"
-    return options, names
+    return json_response(await control.repository_index(service_of(request), bool(body.get("ready"))))
 
 
 @router.post(
@@ -297,35 +188,11 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     openapi_extra=request_body(v2_schemas.RepositoryLoadRequest, required=False),
 )
 async def repository_load(model: str, request: Request) -> Response:
-    service = service_of(request)
-    body = await _json_body(request)
-    parameters = body.get("parameters") or {}
+    parameters = (await _json_body(request)).get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ApiError(400, "invalid_request", "parameters must be an object")
-    version = str(parameters.get("version") or await _default_version(service, model))
-    try:
-        naming.check_part("model name", model)
-        naming.check_part("version", version)
-        options, names = _load_options(parameters)
-        config = model_config_from(options, names=names)
-    except (naming.InvalidName, ModelsFileError) as exc:
-        raise ApiError(400, "invalid_request", str(exc)) from None
-    registry_uri = parameters.get("registry_uri")
-    if registry_uri is not None and (not isinstance(registry_uri, str) or len(registry_uri) > MAX_URI_LENGTH):
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"parameters.registry_uri: must be a string of at most {MAX_URI_LENGTH} characters",
-        )
-    entry = await service.load(model, version, str(registry_uri) if registry_uri else None, config)
+    entry = await control.repository_load(service_of(request), model, parameters)
     return json_response({"name": entry.model_id, "version": entry.version, "state": "READY"})
-
-
-async def _default_version(service: Service, model: str) -> str:
-    """The newest version the repository index knows for ``model``, else "1"."""
-    reply = await service.coordinator.index()
-    versions = [i.version for i in reply.index if i.name == model]
-    return max(versions, key=version_key) if versions else "1"
 
 
 @router.post(
@@ -336,29 +203,13 @@ async def _default_version(service: Service, model: str) -> str:
     openapi_extra=request_body(v2_schemas.RepositoryUnloadRequest, required=False),
 )
 async def repository_unload(model: str, request: Request) -> Response:
-    service = service_of(request)
-    body = await _json_body(request)
-    parameters = body.get("parameters") or {}
-    await service.coordinator.refresh()
-    versions = [v for (m, v) in service.table.models if m == model]
-    if isinstance(parameters, dict) and parameters.get("version"):
-        versions = [v for v in versions if v == str(parameters["version"])]
-    if not versions:
-        raise ApiError(404, "model_not_found", f"model '{model}' is not loaded")
-    for version in versions:
-        await service.unload(model, version)
+    parameters = (await _json_body(request)).get("parameters") or {}
+    version = str(parameters.get("version") or "") if isinstance(parameters, dict) else ""
+    versions = await control.repository_unload(service_of(request), model, version or None)
     return json_response({"name": model, "versions": versions, "state": "UNAVAILABLE"})
 
 
 # --- system shared memory extension -------------------------------------------------------------
-
-
-SHM_DISABLED = "system shared memory is disabled: set MODEL_SERVER_ALLOW_CLIENT_SHM=true to allow it"
-
-
-def _require_shm(service: Service) -> None:
-    if not service.settings.allow_client_shm:
-        raise ApiError(501, "shm_disabled", SHM_DISABLED)
 
 
 class RegisterBody(msgspec.Struct):
@@ -377,26 +228,12 @@ class RegisterBody(msgspec.Struct):
 )
 async def shm_register(name: str, request: Request) -> Response:
     service = service_of(request)
-    _require_shm(service)
-    limit = service.settings.max_shm_name_length
-    if not name or len(name) > limit:
-        raise ApiError(400, "bad_region", f"shared memory region name must be 1 to {limit} characters")
+    control.check_region_name(service, name)  # before the body, whatever it holds
     try:
         body = msgspec.convert(await _json_body(request), RegisterBody, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "bad_region", f"register body: {exc}") from None
-    key, offset, size = body.key, body.offset, body.byte_size
-    try:
-        object_name = client_shm.object_name(key, limit)
-        if object_name.startswith("msrv_"):
-            raise ApiError(400, "bad_region", f"{key!r} belongs to the server")
-        # The checks every worker repeats on every use: a regular file of ours, no link, long enough.
-        client_shm.check(object_name, offset, size)
-    except client_shm.RegionError as exc:
-        raise ApiError(400, "bad_region", str(exc)) from None
-    reply = await service.coordinator.register_region(ShmRegion(name, object_name, offset, size))
-    if reply.status != 200:
-        raise ApiError(reply.status, reply.code or "bad_region", reply.error)
+    await control.register_region(service, name, body.key, body.offset, body.byte_size)
     return json_response({})
 
 
@@ -408,9 +245,7 @@ async def shm_register(name: str, request: Request) -> Response:
     openapi_extra=REGION_NAME,
 )
 async def shm_unregister(request: Request) -> Response:
-    service = service_of(request)
-    _require_shm(service)
-    await service.coordinator.unregister_region(request.path_params.get("name", ""))
+    await control.unregister_region(service_of(request), request.path_params.get("name", ""))
     return json_response({})
 
 
@@ -428,14 +263,5 @@ async def shm_unregister(request: Request) -> Response:
     openapi_extra=REGION_NAME,
 )
 async def shm_status(request: Request) -> Response:
-    service = service_of(request)
-    _require_shm(service)
-    await service.coordinator.refresh()
-    regions = service.table.regions
-    name: str | None = request.path_params.get("name")
-    if name is not None and name not in regions:
-        raise ApiError(400, "bad_region", f"shared memory region '{name}' is not registered")
-    chosen = [regions[name]] if name is not None else [regions[n] for n in sorted(regions)]
-    return json_response(
-        [{"name": r.name, "key": "/" + r.key, "offset": r.offset, "byte_size": r.byte_size} for r in chosen]
-    )
+    name = request.path_params.get("name")
+    return json_response(await control.region_status(service_of(request), name))
