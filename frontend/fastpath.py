@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -57,26 +56,32 @@ class InferenceFastPath:
             await self.app(scope, receive, send)
             return
         service: Service = self.state.service  # type: ignore[attr-defined]
+        # One scan of the raw headers; reversed so that a repeated header reads as its first
+        # occurrence, as Starlette's ``Headers.get`` does.
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
         try:
             if match is None:
-                plain = _plain_json(service, scope)
+                plain = _plain_json(service, headers)
                 body = await _read_body(receive, service.settings if plain else None)
-                response = await infer_v1(service, Headers(scope=scope), body)
+                response = await infer_v1(service, headers, body)
             else:
                 version = match["version"]
                 model, version = unquote(match["model"]), unquote(version) if version else None
-                response = await self._v2(service, scope, receive, model, version)
+                response = await self._v2(service, headers, receive, model, version)
             if service.settings.response_compression:
-                response = compress_response(response, _accept_encoding(scope))
+                response = compress_response(response, headers.get("accept-encoding"))
         except Exception as exc:
             response = render(path, exc)
-        await response(scope, receive, send)
+        # Raw ASGI messages: the middleware's send wrapper adds X-Request-ID to the start.
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": response.body})
 
     async def _v2(
-        self, service: Service, scope: Scope, receive: Receive, model: str, version: str | None
+        self, service: Service, headers: dict[str, str], receive: Receive, model: str, version: str | None
     ) -> Response:
-        headers = Headers(scope=scope)
-        plain = HEADER_LENGTH not in headers and _plain_json(service, scope)
+        plain = HEADER_LENGTH not in headers and _plain_json(service, headers)
         sizes = _binary_sizes(service, headers)
         lease: BodyLease | None = None
         try:
@@ -117,15 +122,7 @@ class InferenceFastPath:
         return BodyLease(slot, slot.offset + pad, size)
 
 
-def _accept_encoding(scope: Scope) -> str | None:
-    # A scan of the raw headers: cheaper than a Headers object on the v1 path, which needs no other.
-    for name, value in scope["headers"]:
-        if name == b"accept-encoding":
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _binary_sizes(service: Service, headers: Headers) -> tuple[int, int] | None:
+def _binary_sizes(service: Service, headers: dict[str, str]) -> tuple[int, int] | None:
     """(body size, JSON header size) of a binary-extension body that could stream into the arena:
     its size known and within the limit, and not compressed."""
     length, header = headers.get("content-length"), headers.get(HEADER_LENGTH)
@@ -140,18 +137,15 @@ def _binary_sizes(service: Service, headers: Headers) -> tuple[int, int] | None:
     return size, header_size
 
 
-def _plain_json(service: Service, scope: Scope) -> bool:
+def _plain_json(service: Service, headers: dict[str, str]) -> bool:
     """Whether a JSON body is not compressed (its size is then bounded while it is read), after
     a 413 for one announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES, before it is read.
 
     Compressed bodies are checked by the handler once inflated.
     """
-    length = None
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            length = value
-        elif name == b"content-encoding" and value.lower() != b"identity":
-            return False
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return False
+    length = headers.get("content-length")
     if length is not None and length.isdigit():
         check_json_size(service.settings, int(length))
     return True

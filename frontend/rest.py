@@ -32,8 +32,23 @@ def tensor_specs(specs: list[TensorSpec]) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in specs]
 
 
+class RawResponse(Response):
+    """A ``Response`` with its final bytes and headers, built without Starlette's header
+    machinery (a few µs per small inference); ``frontend.fastpath`` sends its fields as
+    raw ASGI messages, FastAPI routes return it as any ``Response``."""
+
+    def __init__(
+        self, body: bytes, media_type: bytes, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        self.status_code = status
+        self.body = body
+        self.background = None
+        # Starlette's order: given headers, then content-length and content-type.
+        self.raw_headers = [*headers, (b"content-length", b"%d" % len(body)), (b"content-type", media_type)]
+
+
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    return RawResponse(orjson.dumps(body), b"application/json", status)
 
 
 def parse_object(body: bytes, status: int = 422) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ipc import datatypes
 
 from .call import CallInput, CallOutput, CallResult, InferenceCall, RegionRef, ResultTensor, bad
 from .errors import ApiError
+from .rest import RawResponse
 from .schemas import doc
 from .tensors import to_json
 
@@ -191,11 +192,11 @@ def encode(result: CallResult, binary_default: bool) -> Response:
         head["id"] = result.id
     header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
-        return Response(header, media_type="application/json")
-    return Response(
+        return RawResponse(header, b"application/json")
+    return RawResponse(
         b"".join([header, *binary]),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(header))},
+        b"application/octet-stream",
+        headers=((b"inference-header-content-length", b"%d" % len(header)),),
     )
 
 
