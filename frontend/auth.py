@@ -192,6 +192,40 @@ class AuthPolicy:
             return self.inference_open
         return self.admin_open
 
+    def refusal(self, needed: AuthScope, authorization: bytes | None) -> tuple[int, str, str, str] | None:
+        """(status, code, message, WWW-Authenticate) refusing a request that needs ``needed`` with
+        this ``Authorization`` value (HTTP header or gRPC metadata), or None to let it in."""
+        if self.is_open(needed):
+            return None
+        held: AuthScope | None = None
+        if authorization is not None:
+            scheme, _, token = authorization.partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                held = self.known.get(_digest(token))
+        if needed is AuthScope.ADMIN and self.admin_disabled and (held is not None or self.inference_open):
+            return (
+                403,
+                "admin_disabled",
+                "admin endpoints are off: this server listens on a non-loopback address and has no admin "
+                "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
+                "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access",
+                "",
+            )
+        if held is None and authorization is not None:
+            return (
+                401,
+                "unauthorized",
+                "invalid bearer token",
+                'Bearer realm="model-server", error="invalid_token"',
+            )
+        if held is None:
+            message = "missing bearer token: send the header `Authorization: Bearer <token>`"
+            return 401, "unauthorized", message, 'Bearer realm="model-server"'
+        if needed is AuthScope.ADMIN and held is not AuthScope.ADMIN and not self.admin_needs_inference:
+            return 403, "forbidden", "this token does not have the admin scope", ""
+        return None
+
 
 class AuthMiddleware:
     """Answers 401/403 before the request reaches the fast path or FastAPI."""
@@ -210,18 +244,8 @@ class AuthMiddleware:
         if policy.is_open(needed):
             await self.app(scope, receive, send)
             return
-        given: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                given = value
-                break
-        held: AuthScope | None = None
-        if given is not None:
-            scheme, _, token = given.partition(b" ")
-            token = token.strip()
-            if scheme.lower() == b"bearer" and token:
-                held = policy.known.get(_digest(token))
-        problem = self._problem(needed, given is not None, held)
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        problem = policy.refusal(needed, given)
         if problem is None:
             await self.app(scope, receive, send)
             return
@@ -230,42 +254,6 @@ class AuthMiddleware:
         if challenge:
             response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)
-
-    def _problem(
-        self, needed: AuthScope, token_given: bool, held: AuthScope | None
-    ) -> tuple[int, str, str, str] | None:
-        """(status, code, message, WWW-Authenticate) of the refusal, or None to let the request in."""
-        policy = self.policy
-        if (
-            needed is AuthScope.ADMIN
-            and policy.admin_disabled
-            and (held is not None or policy.inference_open)
-        ):
-            return (
-                403,
-                "admin_disabled",
-                "admin endpoints are off: this server listens on a non-loopback address and has no admin "
-                "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
-                "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access",
-                "",
-            )
-        if held is None:
-            if token_given:
-                return (
-                    401,
-                    "unauthorized",
-                    "invalid bearer token",
-                    'Bearer realm="model-server", error="invalid_token"',
-                )
-            return (
-                401,
-                "unauthorized",
-                "missing bearer token: send the header `Authorization: Bearer <token>`",
-                'Bearer realm="model-server"',
-            )
-        if needed is AuthScope.ADMIN and held is not AuthScope.ADMIN and not policy.admin_needs_inference:
-            return (403, "forbidden", "this token does not have the admin scope", "")
-        return None
 
 
 def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import numpy as np
 import numpy.typing as npt
 
 from ipc import datatypes
@@ -29,7 +28,7 @@ from model_server.settings import Settings
 
 from .classification import ClassificationError, top_k
 from .coordinator_client import CoordinatorClient
-from .dispatcher import BodyLease, InferResult, InputTensor, OutputTensor
+from .dispatcher import BodyLease, InferResult, InputTensor, OutputTensor, view_array
 from .errors import ApiError
 from .limits import check_inputs, check_rows, too_large
 from .service import Service, Tracker
@@ -106,9 +105,7 @@ class ResultTensor:
         if self.classes is not None:
             return self.classes
         assert self.data is not None
-        if self.datatype == "BYTES":
-            return datatypes.deserialize_bytes(self.data, math.prod(self.shape)).reshape(self.shape)
-        return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
+        return view_array(self.data, self.datatype, self.shape)
 
 
 @dataclass

@@ -117,10 +117,14 @@ class OutputTensor:
     def array(self) -> Array:
         """A numpy view (BYTES: an object array of bytes). Valid until the result is released."""
         assert self.data is not None
-        if self.datatype == "BYTES":
-            count = int(np.prod(self.shape)) if self.shape else 1
-            return datatypes.deserialize_bytes(self.data, count).reshape(self.shape)
-        return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
+        return view_array(self.data, self.datatype, self.shape)
+
+
+def view_array(data: memoryview, datatype: str, shape: list[int]) -> Array:
+    """Tensor bytes as numpy of ``shape``: a view, or for BYTES an object array of bytes."""
+    if datatype == "BYTES":
+        return datatypes.deserialize_bytes(data, math.prod(shape)).reshape(shape)
+    return np.frombuffer(data, dtype=datatypes.numpy_dtype(datatype)).reshape(shape)
 
 
 @dataclass
@@ -168,40 +172,26 @@ class BodyLease:
     owned: bool = True
 
 
+@dataclass(slots=True)
 class _Pending:
     """A request the worker holds: its waiter, the slots to free when it is done, its deadline."""
 
-    __slots__ = ("deadline", "future", "slots", "worker")
-
-    def __init__(
-        self, future: asyncio.Future[InferReply], worker: int, slots: list[Slot], deadline: float
-    ) -> None:
-        self.future = future
-        self.worker = worker
-        self.slots = slots
-        self.deadline = deadline  # event-loop time
+    future: asyncio.Future[InferReply]
+    worker: int
+    slots: list[Slot]
+    deadline: float  # event-loop time
 
 
+@dataclass(slots=True)
 class _Outgoing:
     """A request waiting for the end of the loop iteration to be sent."""
 
-    __slots__ = ("body", "payload", "pending", "sent", "seq", "workers")
-
-    def __init__(
-        self,
-        workers: list[int],
-        payload: bytes,
-        seq: int,
-        pending: _Pending,
-        body: BodyLease | None,
-        sent: asyncio.Future[int],
-    ) -> None:
-        self.workers = workers
-        self.payload = payload
-        self.seq = seq
-        self.pending = pending
-        self.body = body
-        self.sent = sent  # the worker it went to, or the DispatchError
+    workers: list[int]
+    payload: bytes
+    seq: int
+    pending: _Pending
+    body: BodyLease | None
+    sent: asyncio.Future[int]  # the worker it went to, or the DispatchError
 
 
 def _align(n: int) -> int:

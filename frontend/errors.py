@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Send
 
 from model_server.logs import request_id_var
 
@@ -86,3 +87,11 @@ def render(path: str, exc: BaseException) -> Response:
         log.error("unhandled error on %s", path, exc_info=exc)
         error = ApiError(500, "internal_error", f"internal error: {type(exc).__name__}")
     return error_response(path, error.status, error.code, error.message, error.details, error.retry_after)
+
+
+async def send_response(send: Send, response: Response) -> None:
+    """A complete response as raw ASGI messages: ``Response.__call__`` without its per-call work."""
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})

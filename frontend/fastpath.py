@@ -29,7 +29,7 @@ from model_server.settings import Settings
 
 from .compression import compress_response
 from .dispatcher import BodyLease
-from .errors import ApiError, render
+from .errors import ApiError, render, send_response
 from .limits import check_json_size
 from .service import Service
 from .v1 import infer_v1
@@ -72,11 +72,7 @@ class InferenceFastPath:
                 response = compress_response(response, headers.get("accept-encoding"))
         except Exception as exc:
             response = render(path, exc)
-        # Raw ASGI messages: the middleware's send wrapper adds X-Request-ID to the start.
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
-        )
-        await send({"type": "http.response.body", "body": response.body})
+        await send_response(send, response)  # the middleware's send adds X-Request-ID
 
     async def _v2(
         self, service: Service, headers: dict[str, str], receive: Receive, model: str, version: str | None

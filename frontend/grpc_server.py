@@ -16,7 +16,6 @@ place for unary and streaming methods and costs no second handler lookup per cal
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import re
@@ -91,26 +90,17 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _no_app(scope: Any, receive: Any, send: Any) -> None:
-    """The REST middleware's inner app, never called: only its decision is used."""
-
-
 def auth_refusal(
     checker: AuthMiddleware, needed: AuthScope, authorization: str | None
 ) -> tuple[int, str] | None:
     """(HTTP status, message) refusing a call that needs ``needed`` with this ``authorization``
-    metadata value, or None to let it in: the REST middleware's own decision, on metadata."""
-    policy = checker.policy
-    if policy.all_open or policy.is_open(needed):
-        return None
-    held: AuthScope | None = None
-    if authorization is not None:
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and token:
-            held = policy.known.get(hashlib.sha256(token.encode()).digest())
-    problem = checker._problem(needed, authorization is not None, held)
+    metadata value, or None to let it in: the REST middleware's own decision."""
+    problem = checker.policy.refusal(needed, None if authorization is None else authorization.encode())
     return None if problem is None else (problem[0], problem[2])
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    """The REST middleware's inner app, never called: only its policy is used."""
 
 
 class GrpcFrontend:

@@ -14,13 +14,12 @@ import secrets
 import time
 from typing import Any, NoReturn
 
-import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_server.logs import request_id_var
 
-from .errors import ApiError
+from .errors import ApiError, error_response, send_response
 
 log = logging.getLogger("model_server.access")
 
@@ -270,27 +269,5 @@ class RequestContextMiddleware:
 
     async def _too_large(self, scope: Scope, send: Send, size: int) -> None:
         message = f"request body of {size} bytes exceeds MODEL_SERVER_MAX_REQUEST_BYTES={self.max_body_bytes}"
-        body: Any
-        if scope["path"].startswith("/v2"):
-            body = {"error": message}
-        else:
-            body = {
-                "error": {
-                    "code": "payload_too_large",
-                    "message": message,
-                    "request_id": request_id_var.get(),
-                    "details": {"limit": self.max_body_bytes},
-                }
-            }
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        details = {"limit": self.max_body_bytes}
+        await send_response(send, error_response(scope["path"], 413, "payload_too_large", message, details))
