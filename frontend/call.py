@@ -140,6 +140,53 @@ def bad(message: str, status: int = 400, code: str = "bad_request") -> ApiError:
     return ApiError(status, code, message)
 
 
+# --- request parameters, read the same by the REST and gRPC V2 codecs ----------------------
+
+
+def int_param(params: dict[str, Any], key: str, where: str, required: bool = False) -> int:
+    value = params.get(key)
+    if value is None:
+        if required:
+            raise bad(f"{where}: parameters.{key} is required")
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise bad(f"{where}: parameters.{key} must be a non-negative integer")
+    return value
+
+
+def region_param(params: dict[str, Any], where: str, shm_enabled: bool) -> RegionRef | None:
+    """The client region the shared-memory parameters name, if any."""
+    name = params.get("shared_memory_region")
+    if name is None:
+        return None
+    if not shm_enabled:
+        raise bad("system shared memory is disabled (MODEL_SERVER_ALLOW_CLIENT_SHM)", 501)
+    if not isinstance(name, str) or not name:
+        raise bad(f"{where}: parameters.shared_memory_region must be a non-empty string")
+    size = int_param(params, "shared_memory_byte_size", where, required=True)
+    return RegionRef(name, int_param(params, "shared_memory_offset", where), size)
+
+
+def classification_param(params: dict[str, Any], where: str) -> int:
+    """Top k classes asked for an output (0: the tensor itself)."""
+    if "classification" not in params:
+        return 0
+    k = int_param(params, "classification", where)
+    if k < 1:
+        raise bad(f"{where}: parameters.classification must be at least 1")
+    return k
+
+
+def timeout_param(parameters: dict[str, Any]) -> float | None:
+    """Triton's request parameter ``timeout`` (µs) in seconds; None when absent or 0."""
+    timeout_us = parameters.get("timeout")
+    if timeout_us is None:
+        return None
+    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
+        raise bad("parameters.timeout must be a non-negative integer (microseconds)")
+    return timeout_us / 1e6 if timeout_us else None
+
+
 # --- checks against the model --------------------------------------------------------------
 
 

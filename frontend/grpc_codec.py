@@ -20,8 +20,16 @@ import numpy as np
 
 from ipc import datatypes
 
-from .call import CallInput, CallOutput, CallResult, InferenceCall, RegionRef
-from .errors import ApiError
+from .call import (
+    CallInput,
+    CallOutput,
+    CallResult,
+    InferenceCall,
+    bad,
+    classification_param,
+    region_param,
+    timeout_param,
+)
 from .grpc import grpc_service_pb2 as pb
 
 # Triton's codes for its own error kinds; 409 (a model unloading or failed) is what Triton
@@ -58,15 +66,9 @@ CONTENTS_FIELD = {
     "BYTES": "bytes_contents",
 }
 
-SHM_DISABLED = "system shared memory is disabled (MODEL_SERVER_ALLOW_CLIENT_SHM)"
-
 
 def grpc_status(http_status: int) -> grpc.StatusCode:
     return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
-
-
-def bad(message: str, status: int = 400) -> ApiError:
-    return ApiError(status, "bad_request", message)
 
 
 def parameter_value(param: pb.InferParameter) -> Any:
@@ -76,30 +78,6 @@ def parameter_value(param: pb.InferParameter) -> Any:
 
 def parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in params.items()}
-
-
-def _int_param(params: dict[str, Any], key: str, where: str, required: bool = False) -> int:
-    value = params.get(key)
-    if value is None:
-        if required:
-            raise bad(f"{where}: parameters.{key} is required")
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise bad(f"{where}: parameters.{key} must be a non-negative integer")
-    return value
-
-
-def region_of(params: dict[str, Any], where: str, shm_enabled: bool) -> RegionRef | None:
-    """The client region named by the shared-memory parameters, if any (as the REST extension)."""
-    name = params.get("shared_memory_region")
-    if name is None:
-        return None
-    if not shm_enabled:
-        raise bad(SHM_DISABLED, 501)
-    if not isinstance(name, str) or not name:
-        raise bad(f"{where}: parameters.shared_memory_region must be a non-empty string")
-    size = _int_param(params, "shared_memory_byte_size", where, required=True)
-    return RegionRef(name, _int_param(params, "shared_memory_offset", where), size)
 
 
 def _count(shape: list[int]) -> int:
@@ -145,7 +123,7 @@ def decode_inputs(request: pb.ModelInferRequest, shm_enabled: bool) -> list[Call
     for tensor in request.inputs:
         where = f"input '{tensor.name}'"
         shape = list(tensor.shape)
-        region = region_of(parameters(tensor.parameters), where, shm_enabled)
+        region = region_param(parameters(tensor.parameters), where, shm_enabled)
         has_contents = tensor.HasField("contents")
         if region is not None:
             if has_contents:
@@ -168,12 +146,9 @@ def decode_inputs(request: pb.ModelInferRequest, shm_enabled: bool) -> list[Call
 def decode_output(output: pb.ModelInferRequest.InferRequestedOutputTensor, shm_enabled: bool) -> CallOutput:
     where = f"output '{output.name}'"
     params = parameters(output.parameters)
-    classification = 0
-    if "classification" in params:
-        classification = _int_param(params, "classification", where)
-        if classification < 1:
-            raise bad(f"{where}: parameters.classification must be at least 1")
-    return CallOutput(output.name, None, classification, region_of(params, where, shm_enabled))
+    return CallOutput(
+        output.name, None, classification_param(params, where), region_param(params, where, shm_enabled)
+    )
 
 
 def decode_infer(
@@ -181,13 +156,9 @@ def decode_infer(
 ) -> InferenceCall:
     """The ``InferenceCall`` of one ``ModelInferRequest``; ``timeout_s`` is the gRPC deadline's rest."""
     params = parameters(request.parameters)
-    timeout_us = params.get("timeout")
-    if timeout_us is not None:
-        # Triton's request parameter, in microseconds; the tighter of it and the deadline wins.
-        if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
-            raise bad("parameters.timeout must be a non-negative integer (microseconds)")
-        if timeout_us and (timeout_s is None or timeout_us / 1e6 < timeout_s):
-            timeout_s = timeout_us / 1e6
+    asked = timeout_param(params)
+    if asked is not None and (timeout_s is None or asked < timeout_s):
+        timeout_s = asked  # the tighter of the request's parameter and the gRPC deadline
     return InferenceCall(
         request.model_name,
         request.model_version or None,

@@ -22,7 +22,18 @@ from starlette.responses import Response
 
 from ipc import datatypes
 
-from .call import CallInput, CallOutput, CallResult, InferenceCall, RegionRef, ResultTensor, bad
+from .call import (
+    CallInput,
+    CallOutput,
+    CallResult,
+    InferenceCall,
+    ResultTensor,
+    bad,
+    classification_param,
+    int_param,
+    region_param,
+    timeout_param,
+)
 from .errors import ApiError
 from .rest import RawResponse
 from .schemas import doc
@@ -111,7 +122,7 @@ def decode(
     binary_default = bool(request.parameters.get("binary_data_output", False))
     call.outputs = [_output(item, binary_default, shm_enabled) for item in request.outputs]
     call.parameters = request.parameters
-    call.timeout_s = _timeout(request.parameters)
+    call.timeout_s = timeout_param(request.parameters)
     call.id = str(request.id) if request.id is not None else None
     return binary_default
 
@@ -120,10 +131,11 @@ def _input(item: RequestInput, binary: memoryview, pos: int, shm_enabled: bool) 
     where = f"input '{item.name}'"
     params = item.parameters
     tensor = CallInput(item.name, item.datatype, item.shape)
-    if "shared_memory_region" in params:
-        tensor.region = _region(params, where, shm_enabled)
+    region = region_param(params, where, shm_enabled)
+    if region is not None:
+        tensor.region = region
     elif "binary_data_size" in params:
-        size = _int_param(params, "binary_data_size", where, required=True)
+        size = int_param(params, "binary_data_size", where, required=True)
         if pos + size > len(binary):
             raise bad(
                 f"{where}: binary_data_size {size} runs past the {len(binary)} binary bytes after the header"
@@ -138,43 +150,10 @@ def _input(item: RequestInput, binary: memoryview, pos: int, shm_enabled: bool) 
 def _output(item: RequestOutput, binary_default: bool, shm_enabled: bool) -> CallOutput:
     where = f"output '{item.name}'"
     params = item.parameters
-    out = CallOutput(item.name, bool(params.get("binary_data", binary_default)))
-    if "classification" in params:
-        out.classification = _int_param(params, "classification", where)
-        if out.classification < 1:
-            raise bad(f"{where}: parameters.classification must be at least 1")
-    if "shared_memory_region" in params:
-        out.region = _region(params, where, shm_enabled)
-    return out
-
-
-def _region(params: dict[str, Any], where: str, shm_enabled: bool) -> RegionRef:
-    if not shm_enabled:
-        raise bad("system shared memory is disabled (MODEL_SERVER_ALLOW_CLIENT_SHM)", 501)
-    size = _int_param(params, "shared_memory_byte_size", where, required=True)
-    return RegionRef(
-        str(params["shared_memory_region"]), _int_param(params, "shared_memory_offset", where), size
+    binary = bool(params.get("binary_data", binary_default))
+    return CallOutput(
+        item.name, binary, classification_param(params, where), region_param(params, where, shm_enabled)
     )
-
-
-def _timeout(parameters: dict[str, Any]) -> float | None:
-    if "timeout" not in parameters:
-        return None
-    timeout_us = parameters["timeout"]
-    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
-        raise bad("parameters.timeout must be a non-negative integer (microseconds)")
-    return timeout_us / 1e6 if timeout_us else None
-
-
-def _int_param(params: dict[str, Any], key: str, where: str, required: bool = False) -> int:
-    value = params.get(key)
-    if value is None:
-        if required:
-            raise bad(f"{where}: parameters.{key} is required")
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise bad(f"{where}: parameters.{key} must be a non-negative integer")
-    return value
 
 
 # --- the response --------------------------------------------------------------------------
