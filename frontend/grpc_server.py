@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -34,7 +33,7 @@ from .errors import describe
 from .grpc import grpc_service_pb2 as pb
 from .grpc_codec import grpc_status
 from .grpc_service import InferenceService
-from .middleware import Activity
+from .middleware import VALID_REQUEST_ID, Activity
 from .rest import readiness
 from .service import Service
 
@@ -46,7 +45,6 @@ HEALTH_TICK_S = 0.1  # how soon it reports a drain
 # Unary RPCs in flight were already awaited by the drain (they count as activity); what is
 # left at stop are streams waiting for their next message, which get this long to end.
 STOP_GRACE_S = 1.0
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Handler = Callable[[Any, float | None], Awaitable[Any]]
 
@@ -61,28 +59,12 @@ SCOPES: dict[str, AuthScope] = {
     "SystemSharedMemoryUnregister": AuthScope.ADMIN,
 }
 
-# name -> (request class, response class) of the unary methods served.
+# name -> (request class, response class) of the unary methods served: those of the proto's
+# service that ``InferenceService`` implements (the others answer UNIMPLEMENTED).
 UNARY: dict[str, tuple[Any, Any]] = {
-    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
-    "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-    "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
-    "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
-    "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, pb.SystemSharedMemoryStatusResponse),
-    "SystemSharedMemoryRegister": (
-        pb.SystemSharedMemoryRegisterRequest,
-        pb.SystemSharedMemoryRegisterResponse,
-    ),
-    "SystemSharedMemoryUnregister": (
-        pb.SystemSharedMemoryUnregisterRequest,
-        pb.SystemSharedMemoryUnregisterResponse,
-    ),
+    m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    if not m.client_streaming and hasattr(InferenceService, m.name)
 }
 
 
@@ -197,7 +179,7 @@ class GrpcFrontend:
         """Request id and access control; aborts the call when refused."""
         metadata = dict(context.invocation_metadata() or ())
         given = metadata.get("x-request-id")
-        request_id = given if isinstance(given, str) and _VALID_ID.match(given) else ""
+        request_id = given if isinstance(given, str) and VALID_REQUEST_ID.match(given) else ""
         request_id_var.set(request_id or f"{self._id_prefix}{next(self._ids):x}")
         authorization = metadata.get("authorization")
         refused = auth_refusal(

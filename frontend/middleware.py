@@ -23,7 +23,7 @@ from .errors import ApiError, error_response, send_response
 
 log = logging.getLogger("model_server.access")
 
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Scope key the server's protocol (frontend.edge) sets once a request's whole body is in its
 # buffer: reading it then cannot wait, so it needs no deadline timer.
 BODY_RECEIVED = "model_server.body_received"
@@ -218,7 +218,7 @@ class RequestContextMiddleware:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if _VALID_ID.match(candidate):
+                if VALID_REQUEST_ID.match(candidate):
                     request_id = candidate
             elif name == b"content-length":
                 try:
