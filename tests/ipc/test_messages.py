@@ -46,9 +46,7 @@ ENTRY = m.ModelEntry(
 )
 WORKER = m.WorkerState(0, 123, "ipc:///tmp/w0", "cpu:0", True, 1, [["m", "1"]], 1000, 2.0, 1)
 REGION = m.ShmRegion("input0", "client_region_é", 64, 4096)
-TABLE = m.TableSnapshot(
-    3, False, ["no worker is alive"], [ENTRY], [WORKER], 12.0, [REGION], evictions=4
-)
+TABLE = m.TableSnapshot(3, False, ["no worker is alive"], [ENTRY], [WORKER], 12.0, [REGION], evictions=4)
 
 # One instance of every Struct the module declares, with non-default values where possible.
 SAMPLES: list[Any] = [
