@@ -1,12 +1,9 @@
 """One inference, whatever protocol brought it.
 
-A protocol module (REST ``/v1`` records or named tensors, REST ``/v2`` JSON or
-binary, gRPC ``ModelInfer``) only *decodes* its request into an ``InferenceCall``
-and *encodes* the ``CallResult`` back; everything in between happens here, once:
-finding the model, checking the inputs against its schema and the server's
-bounds, resolving shared-memory regions, dispatching to a worker and applying
-the classification extension. Errors are ``ApiError`` (status, code, message,
-details, retry-after); each protocol renders them in its own shape.
+A protocol module (``/v1``, ``/v2`` JSON or binary, gRPC) only decodes its request into
+an ``InferenceCall`` and encodes the ``CallResult`` back; everything in between happens
+here, once: the model, the checks against its schema and the server's bounds, shared
+memory regions, the dispatch and the classification extension.
 
 Ownership: the ``CallResult`` holds views of this process's arena; the caller
 encodes its response from them and then releases it (``with result:``).

@@ -1,14 +1,7 @@
-"""The one error type of the frontend, and its rendering per protocol.
-
-Anything that refuses a request raises ``ApiError`` (status, code, message,
-details, retry-after): the codecs, ``call.execute``, the service, the dispatcher
-(``DispatchError`` is this class) and the body readers. This module imports no
-other frontend module but the coordinator client's exception, so every one of
-them can import it. Rendered here, once per protocol:
-
-* ``/v1`` and the seed's paths: ``{"error": {"code", "message", "request_id", "details"}}``;
-* ``/v2``: ``{"error": "<message>"}`` as Triton, MLServer and KServe answer, 422 as 400;
-* gRPC: ``describe`` gives the ``ApiError`` for any exception, the caller maps its status.
+"""The one error type of the frontend (``ApiError``; ``DispatchError`` is this class), and
+its rendering per protocol: ``/v2`` as Triton, MLServer and KServe answer, the other paths
+in the seed's shape, gRPC through ``describe`` (``frontend.grpc_server`` maps the status).
+It imports no other frontend module but the coordinator client's, so every one can import it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """KServe V2 / Triton gRPC messages to and from the protocol-neutral ``InferenceCall``.
 
-Pure functions, no server: ``decode_infer`` turns a ``ModelInferRequest`` into an
-``InferenceCall`` (``raw_input_contents`` become ``CallInput.raw`` as they are, typed
-``contents`` become arrays, shared-memory parameters become ``RegionRef``s);
-``encode_result`` turns the ``CallResult`` into a ``ModelInferResponse`` with
-``raw_output_contents``; ``grpc_status`` maps the HTTP status of an ``ApiError`` to the
-gRPC code Triton answers with. Raw tensors are never touched element by element: the
-bytes protobuf parsed are what the dispatcher copies into the arena (the one copy on
-the way in), and each output leaves shared memory in one ``bytes`` copy.
+Pure functions, no server. Raw tensors are never touched element by element: the bytes
+protobuf parsed are what the dispatcher copies into the arena (the one copy on the way
+in), and each output leaves shared memory in one ``bytes`` copy.
 """
 
 from __future__ import annotations

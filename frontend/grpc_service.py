@@ -1,11 +1,9 @@
 # ruff: noqa: N802 - the methods are named as the proto's RPCs, which route to them by name
 """The RPCs of ``inference.GRPCInferenceService`` (KServe V2 plus Triton's extensions).
 
-Each method takes the request message and answers the response message or raises
-what the REST routes raise (``ApiError``…); ``frontend.grpc_server`` wraps every one
-with access control, drain accounting and the error mapping. The policies are the
-REST routes' own: ``frontend.control`` answers both as plain data, encoded here.
-Methods missing here (CUDA shared memory, trace and log settings) answer UNIMPLEMENTED.
+Each method answers the response message or raises ``ApiError`` as the REST routes do
+(``frontend.control`` answers both); ``frontend.grpc_server`` wraps every one with access
+control, drain accounting and the error mapping. Methods missing here answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations

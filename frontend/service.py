@@ -52,7 +52,7 @@ class Tracker:
         service.inflight -= 1
         if kind is None:
             status = 200
-        elif isinstance(exc, (ApiError, DispatchError)):
+        elif isinstance(exc, ApiError):  # DispatchError too: the same class
             status = 400 if (self.protocol == "v2" and exc.status == 422) else exc.status
         else:
             status = 500
