@@ -4,7 +4,8 @@ Same coordinator and workers as ``/v1``; errors are ``{"error": "<message>"}``.
 Extensions: binary tensor data, classification (``frontend/classification.py``),
 model repository, statistics (``frontend/stats.py``), and (when
 ``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory. Routes with and
-without ``/versions/{version}`` are one handler each (``rest.route_pair``).
+without ``/versions/{version}`` are one handler each (``rest.route_pair``). Beyond
+inference, each route answers what ``frontend.control`` returns, as gRPC does.
 """
 
 from __future__ import annotations
