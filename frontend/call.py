@@ -25,53 +25,13 @@ from model_server.settings import Settings
 
 from .classification import ClassificationError, top_k
 from .coordinator_client import CoordinatorClient
-from .dispatcher import BodyLease, InferResult, InputTensor, OutputTensor, view_array
+from .dispatcher import BodyLease, CallInput, CallOutput, InferResult, RegionRef, ResultTensor
 from .errors import ApiError
 from .limits import check_inputs, check_rows, too_large
 from .service import Service, Tracker
 from .tensors import check_shape, from_raw_json, invalid
 
 Array = npt.NDArray[Any]
-
-
-@dataclass(slots=True)
-class RegionRef:
-    """A place in a client's registered shared-memory region (system shared memory extension)."""
-
-    name: str
-    offset: int
-    byte_size: int
-
-
-@dataclass(slots=True)
-class CallInput:
-    """One input tensor. Exactly one of ``array``, ``raw``, ``json`` and ``region`` is set.
-
-    ``json`` is the text of a REST ``data`` value, converted only after the checks pass.
-    ``raw`` is the tensor's little-endian bytes (BYTES: each element a 4-byte
-    little-endian length then its bytes), as the binary extension and gRPC's
-    ``raw_input_contents`` carry it; ``arena_offset`` says it already lies in
-    this process's arena (a body streamed into the call's ``lease``).
-    """
-
-    name: str
-    datatype: str
-    shape: list[int]
-    array: Array | None = None
-    raw: bytes | memoryview | None = None
-    arena_offset: int | None = None
-    region: RegionRef | None = None
-    json: msgspec.Raw | None = None
-
-
-@dataclass(slots=True)
-class CallOutput:
-    """One output the client asked for, and how it wants it."""
-
-    name: str
-    binary: bool | None = None  # REST binary extension; None: the request's default
-    classification: int = 0  # top k classes instead of the tensor
-    region: RegionRef | None = None  # written into the client's region instead of returned
 
 
 @dataclass(slots=True)
@@ -85,24 +45,6 @@ class InferenceCall:
     request_id: str = ""  # trace id for logs (X-Request-ID)
     id: str | None = None  # the protocol's request id, echoed in the response
     lease: BodyLease | None = None  # the arena slot a REST body was streamed into
-
-
-@dataclass(slots=True)
-class ResultTensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    data: memoryview | None  # None when written into the client's region
-    nbytes: int
-    requested: CallOutput | None  # what the client asked for this output (None: not named)
-    classes: Array | None = None  # classification: BYTES "value:index", already computed
-
-    def array(self) -> Array:
-        """The output as numpy (a view of shared memory; BYTES: an object array of bytes)."""
-        if self.classes is not None:
-            return self.classes
-        assert self.data is not None
-        return view_array(self.data, self.datatype, self.shape)
 
 
 @dataclass
@@ -284,21 +226,14 @@ async def resolve_region(coordinator: CoordinatorClient, ref: RegionRef, where: 
     return TensorRef(where, "", [], region.key, region.offset + ref.offset, ref.byte_size)
 
 
-async def _dispatch_inputs(service: Service, call: InferenceCall) -> list[InputTensor]:
-    inputs: list[InputTensor] = []
+async def _resolve_inputs(service: Service, call: InferenceCall) -> None:
+    """Region inputs get their descriptors, JSON inputs their arrays: ready to dispatch."""
     for t in call.inputs:
         if t.region is not None:
             ref = await resolve_region(service.coordinator, t.region, f"input '{t.name}'")
-            ref = msgspec.structs.replace(ref, name=t.name, datatype=t.datatype, shape=t.shape)
-            inputs.append(InputTensor(t.name, t.datatype, t.shape, region=ref))
+            t.ref = msgspec.structs.replace(ref, name=t.name, datatype=t.datatype, shape=t.shape)
         elif t.json is not None:
-            array = from_raw_json(t.json, t.datatype, t.shape, f"input '{t.name}'")
-            inputs.append(InputTensor(t.name, t.datatype, t.shape, array))
-        else:
-            inputs.append(
-                InputTensor(t.name, t.datatype, t.shape, t.array, t.raw, arena_offset=t.arena_offset)
-            )
-    return inputs
+            t.array = from_raw_json(t.json, t.datatype, t.shape, f"input '{t.name}'")
 
 
 async def _client_outputs(service: Service, call: InferenceCall) -> list[TensorRef]:
@@ -321,28 +256,28 @@ async def execute(service: Service, call: InferenceCall, tracker: Tracker) -> Ca
     model_var.set(f"{entry.model_id}:{entry.version}")
     check_inputs_against(call, entry.schema, service.settings)
     check_outputs_against(call, entry.schema)
-    inputs = await _dispatch_inputs(service, call)
+    await _resolve_inputs(service, call)
     client_outputs = await _client_outputs(service, call)
     names = [o.name for o in call.outputs]
     infer = await service.infer(
-        entry, inputs, names, call.request_id, client_outputs, timeout_s=call.timeout_s, body=call.lease
+        entry, call.inputs, names, call.request_id, client_outputs, timeout_s=call.timeout_s, body=call.lease
     )
     tracker.result = infer
     try:
-        outputs = [_result_tensor(t, call) for t in infer.outputs]
+        for tensor in infer.outputs:
+            _annotate(tensor, call)
     except BaseException:
         infer.release()
         raise
-    return CallResult(entry, call.id, outputs, infer)
+    return CallResult(entry, call.id, infer.outputs, infer)
 
 
-def _result_tensor(tensor: OutputTensor, call: InferenceCall) -> ResultTensor:
-    requested = next((o for o in call.outputs if o.name == tensor.name), None)
-    result = ResultTensor(tensor.name, tensor.datatype, tensor.shape, tensor.data, tensor.nbytes, requested)
+def _annotate(tensor: ResultTensor, call: InferenceCall) -> None:
+    """What the client asked for this output, and its classes when it asked for them."""
+    tensor.requested = requested = next((o for o in call.outputs if o.name == tensor.name), None)
     if requested is not None and requested.classification:
         try:
             classes = top_k(tensor.array(), requested.classification)
         except ClassificationError as exc:
             raise bad(f"output '{tensor.name}': {exc}") from None
-        result.classes, result.datatype, result.shape = classes, "BYTES", list(classes.shape)
-    return result
+        tensor.classes, tensor.datatype, tensor.shape = classes, "BYTES", list(classes.shape)

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import zmq
@@ -80,18 +81,36 @@ def _routing_id(worker: int) -> bytes:
 DispatchError = ApiError
 
 
-@dataclass
-class InputTensor:
-    """One input: an array (JSON path), raw little-endian bytes (binary path) or a client region."""
+@dataclass(slots=True)
+class RegionRef:
+    """A place in a client's registered shared-memory region (system shared memory extension)."""
+
+    name: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(slots=True)
+class CallInput:
+    """One input tensor. Exactly one of ``array``, ``raw``, ``json`` and ``region`` is set.
+
+    ``json`` is the text of a REST ``data`` value, converted into ``array`` only after the
+    checks pass. ``raw`` is the tensor's little-endian bytes (BYTES: each element a 4-byte
+    little-endian length then its bytes), as the binary extension and gRPC's
+    ``raw_input_contents`` carry it; ``arena_offset`` says it already lies in this
+    process's arena (a body streamed into a ``BodyLease``). A ``region`` is sent as
+    ``ref``, its descriptor once resolved.
+    """
 
     name: str
     datatype: str
     shape: list[int]
     array: Array | None = None
-    raw: memoryview | bytes | None = None
-    region: TensorRef | None = None
-    # Offset in this process's arena where ``raw`` already lies (a body streamed into a BodyLease).
+    raw: bytes | memoryview | None = None
     arena_offset: int | None = None
+    region: RegionRef | None = None
+    json: msgspec.Raw | None = None
+    ref: TensorRef | None = None
 
     def nbytes(self) -> int:
         if self.arena_offset is not None:
@@ -106,16 +125,30 @@ class InputTensor:
         return 0
 
 
-@dataclass
-class OutputTensor:
+@dataclass(slots=True)
+class CallOutput:
+    """One output the client asked for, and how it wants it."""
+
+    name: str
+    binary: bool | None = None  # REST binary extension; None: the request's default
+    classification: int = 0  # top k classes instead of the tensor
+    region: RegionRef | None = None  # written into the client's region instead of returned
+
+
+@dataclass(slots=True)
+class ResultTensor:
     name: str
     datatype: str
     shape: list[int]
-    data: memoryview | None  # None when written to a client's region
-    nbytes: int = 0
+    data: memoryview | None  # None when written into the client's region
+    nbytes: int
+    requested: CallOutput | None = None  # what the client asked for this output (None: not named)
+    classes: Array | None = None  # classification: BYTES "value:index", already computed
 
     def array(self) -> Array:
         """A numpy view (BYTES: an object array of bytes). Valid until the result is released."""
+        if self.classes is not None:
+            return self.classes
         assert self.data is not None
         return view_array(self.data, self.datatype, self.shape)
 
@@ -131,7 +164,7 @@ def view_array(data: memoryview, datatype: str, shape: list[int]) -> Array:
 class InferResult:
     """Outputs as views of shared memory; ``release()`` (or leaving ``with``) frees them."""
 
-    outputs: list[OutputTensor]
+    outputs: list[ResultTensor]
     worker: int
     queue_us: int
     compute_us: int
@@ -412,7 +445,7 @@ class Dispatcher:
     async def infer(
         self,
         entry: ModelEntry,
-        inputs: list[InputTensor],
+        inputs: list[CallInput],
         output_names: list[str],
         trace_id: str,
         timeout_s: float,
@@ -642,12 +675,12 @@ class Dispatcher:
             503, "no_worker", "every worker holding the model is unreachable or full", retry_after=1
         )
 
-    def _write_inputs(self, slot: Slot, inputs: list[InputTensor], sizes: list[int]) -> list[TensorRef]:
+    def _write_inputs(self, slot: Slot, inputs: list[CallInput], sizes: list[int]) -> list[TensorRef]:
         refs: list[TensorRef] = []
         offset = slot.offset
         for tensor, size in zip(inputs, sizes, strict=True):
-            if tensor.region is not None:
-                refs.append(tensor.region)
+            if tensor.ref is not None:
+                refs.append(tensor.ref)
                 continue
             if tensor.arena_offset is not None:
                 assert tensor.raw is not None
@@ -675,8 +708,8 @@ class Dispatcher:
             offset += size
         return refs
 
-    def _read_outputs(self, reply: InferReply, spill: Segment | None) -> list[OutputTensor]:
-        outputs: list[OutputTensor] = []
+    def _read_outputs(self, reply: InferReply, spill: Segment | None) -> list[ResultTensor]:
+        outputs: list[ResultTensor] = []
         for ref in reply.outputs:
             if ref.segment == self.arena.name:
                 data: memoryview | None = self.arena.view(ref.offset, ref.nbytes)
@@ -684,7 +717,7 @@ class Dispatcher:
                 data = spill.view(ref.offset, ref.nbytes)
             else:
                 data = None  # a client's region: the client reads it there
-            outputs.append(OutputTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
+            outputs.append(ResultTensor(ref.name, ref.datatype, list(ref.shape), data, ref.nbytes))
         return outputs
 
 

@@ -16,8 +16,6 @@ import numpy as np
 from ipc import datatypes
 
 from .call import (
-    CallInput,
-    CallOutput,
     CallResult,
     InferenceCall,
     bad,
@@ -25,6 +23,7 @@ from .call import (
     region_param,
     timeout_param,
 )
+from .dispatcher import CallInput, CallOutput
 from .grpc import grpc_service_pb2 as pb
 
 # Triton's codes for its own error kinds; 409 (a model unloading or failed) is what Triton

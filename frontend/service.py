@@ -19,7 +19,7 @@ from model_server import metrics
 from model_server.settings import Settings
 
 from .coordinator_client import CoordinatorClient, Table
-from .dispatcher import BodyLease, Dispatcher, DispatchError, InferResult, InputTensor
+from .dispatcher import BodyLease, CallInput, Dispatcher, DispatchError, InferResult
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Service:
     async def infer(
         self,
         entry: ModelEntry,
-        inputs: list[InputTensor],
+        inputs: list[CallInput],
         output_names: list[str],
         trace_id: str,
         client_outputs: list[TensorRef] | None = None,

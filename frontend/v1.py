@@ -16,7 +16,8 @@ from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
 from . import responses, rest
-from .call import CallInput, CallOutput, InferenceCall, execute
+from .call import InferenceCall, execute
+from .dispatcher import CallInput, CallOutput
 from .errors import ApiError
 from .records import check_bounds, tensors_to_records, to_tensors
 from .rest import inference_body, json_response, service_of, tensor_specs

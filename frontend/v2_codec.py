@@ -23,17 +23,15 @@ from starlette.responses import Response
 from ipc import datatypes
 
 from .call import (
-    CallInput,
-    CallOutput,
     CallResult,
     InferenceCall,
-    ResultTensor,
     bad,
     classification_param,
     int_param,
     region_param,
     timeout_param,
 )
+from .dispatcher import CallInput, CallOutput, ResultTensor
 from .errors import ApiError
 from .rest import RawResponse
 from .schemas import doc

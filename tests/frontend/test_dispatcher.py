@@ -25,9 +25,9 @@ import zmq.asyncio
 
 from frontend.dispatcher import (
     UNKNOWN_OUTPUT_BYTES,
+    CallInput,
     Dispatcher,
     DispatchError,
-    InputTensor,
     estimate_output_bytes,
 )
 from ipc import endpoints
@@ -227,7 +227,7 @@ def test_inference_round_trip_matches_onnxruntime(harness: Harness, model_files:
             arena_name = dispatcher.arena.name
             assert (SHM_DIR / arena_name).exists()
             with await dispatcher.infer(
-                entry, [InputTensor("x", "FP32", [7, 3], array=x)], [], "t1", 10
+                entry, [CallInput("x", "FP32", [7, 3], array=x)], [], "t1", 10
             ) as result:
                 assert result.worker == 0
                 assert result.batch_rows == 7
@@ -236,7 +236,7 @@ def test_inference_round_trip_matches_onnxruntime(harness: Harness, model_files:
             assert dispatcher.arena.allocator.used_bytes == 0
             # Binary path: raw little-endian bytes instead of an array.
             with await dispatcher.infer(
-                entry, [InputTensor("x", "FP32", [7, 3], raw=x.tobytes())], ["label"], "t2", 10
+                entry, [CallInput("x", "FP32", [7, 3], raw=x.tobytes())], ["label"], "t2", 10
             ) as result:
                 assert [o.name for o in result.outputs] == ["label"]
                 got["label_raw"] = np.array(result.outputs[0].array())
@@ -259,7 +259,7 @@ def test_spilled_outputs_are_read_and_unlinked(harness: Harness, model_files: di
     entry = harness.load("expand", model_files["expand"])
     x = np.arange(4, dtype=np.float32).reshape(4, 1)
     shape = np.array([4, 20_000], dtype=np.int64)  # 320 000 bytes out, estimate 64 KiB
-    inputs = [InputTensor("x", "FP32", [4, 1], array=x), InputTensor("shape", "INT64", [2], array=shape)]
+    inputs = [CallInput("x", "FP32", [4, 1], array=x), CallInput("shape", "INT64", [2], array=shape)]
     spill_prefix = f"{harness.prefix}w{os.getpid()}_"
 
     async def scenario() -> np.ndarray[Any, Any]:
@@ -304,7 +304,7 @@ def test_worker_gone_mid_request_fails_fast_and_frees_the_slot(
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
             task = asyncio.create_task(
-                dispatcher.infer(entry, [InputTensor("x", "FP32", [192, 1024], array=x)], [], "t-slow", 2.5)
+                dispatcher.infer(entry, [CallInput("x", "FP32", [192, 1024], array=x)], [], "t-slow", 2.5)
             )
             deadline = time.monotonic() + 10
             while harness.engine.running == 0:  # the worker is inside onnxruntime now
@@ -346,7 +346,7 @@ def test_no_worker_holding_the_model_is_503(harness: Harness, model_files: dict[
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
             with pytest.raises(DispatchError) as info:
-                await dispatcher.infer(nobody, [InputTensor("x", "FP32", [1, 3], array=x)], [], "t", 5)
+                await dispatcher.infer(nobody, [CallInput("x", "FP32", [1, 3], array=x)], [], "t", 5)
             return info.value, dispatcher.arena.allocator.used_bytes
         finally:
             await _closed(ctx, dispatcher)
@@ -369,7 +369,7 @@ def test_worker_known_gone_is_503_at_once(harness: Harness, model_files: dict[st
             await asyncio.sleep(0.2)  # the disconnection reaches the dispatcher's socket
             started = time.monotonic()
             with pytest.raises(DispatchError) as info:
-                await dispatcher.infer(entry, [InputTensor("x", "FP32", [1, 3], array=x)], [], "t", 1.0)
+                await dispatcher.infer(entry, [CallInput("x", "FP32", [1, 3], array=x)], [], "t", 1.0)
             return info.value, time.monotonic() - started, dispatcher.arena.allocator.used_bytes
         finally:
             await _closed(ctx, dispatcher)
@@ -388,9 +388,7 @@ def test_too_large_for_the_arena_is_413(harness: Harness, model_files: dict[str,
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
             with pytest.raises(DispatchError) as info:
-                await dispatcher.infer(
-                    entry, [InputTensor("x", "FP32", [1_000_000, 3], array=big)], [], "t", 5
-                )
+                await dispatcher.infer(entry, [CallInput("x", "FP32", [1_000_000, 3], array=big)], [], "t", 5)
             assert dispatcher.arena.allocator.used_bytes == 0
             return info.value
         finally:
@@ -412,14 +410,14 @@ def test_worker_errors_map_to_http_statuses(harness: Harness, model_files: dict[
             # Wrong trailing dimension: onnxruntime refuses it (422).
             bad = np.zeros((2, 4), dtype=np.float32)
             with pytest.raises(DispatchError) as info:
-                await dispatcher.infer(entry, [InputTensor("x", "FP32", [2, 4], array=bad)], [], "t", 5)
+                await dispatcher.infer(entry, [CallInput("x", "FP32", [2, 4], array=bad)], [], "t", 5)
             errors.append(info.value)
             # The worker holds no session for this version (503, retry).
             other = ModelEntry(
                 model_id="linear", version="2", state="ready", workers=[0], schema=entry.schema
             )
             with pytest.raises(DispatchError) as info:
-                await dispatcher.infer(other, [InputTensor("x", "FP32", [2, 3], array=x)], [], "t", 5)
+                await dispatcher.infer(other, [CallInput("x", "FP32", [2, 3], array=x)], [], "t", 5)
             errors.append(info.value)
             assert dispatcher.arena.allocator.used_bytes == 0
             return errors

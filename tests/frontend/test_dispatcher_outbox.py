@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from frontend.dispatcher import Dispatcher, InputTensor
+from frontend.dispatcher import CallInput, Dispatcher
 from tests import models
 from tests.models import ort_run
 
@@ -45,7 +45,7 @@ def test_a_burst_goes_out_together_and_each_caller_gets_its_own_rows(
 
     async def one(dispatcher: Dispatcher, x: np.ndarray, i: int) -> np.ndarray:
         with await dispatcher.infer(
-            entry, [InputTensor("x", "FP32", list(x.shape), array=x)], ["scores"], f"b{i}", 30
+            entry, [CallInput("x", "FP32", list(x.shape), array=x)], ["scores"], f"b{i}", 30
         ) as result:
             return np.array(result.outputs[0].array())
 
@@ -78,7 +78,7 @@ def test_leaving_before_the_send_frees_the_slot_and_after_it_quarantines(
             received = worker.received
             # Cancelled in the same iteration it was queued: never sent, slot freed at once.
             early = asyncio.ensure_future(
-                dispatcher.infer(entry, [InputTensor("x", "FP32", [2, 3], array=x)], [], "e", 30)
+                dispatcher.infer(entry, [CallInput("x", "FP32", [2, 3], array=x)], [], "e", 30)
             )
             await asyncio.sleep(0)  # it runs up to the queued send
             early.cancel()
@@ -88,7 +88,7 @@ def test_leaving_before_the_send_frees_the_slot_and_after_it_quarantines(
             # Cancelled once sent (the worker is gated): the slot waits for the worker's reply.
             worker.gate.clear()
             late = asyncio.ensure_future(
-                dispatcher.infer(entry, [InputTensor("x", "FP32", [2, 3], array=x)], [], "l", 30)
+                dispatcher.infer(entry, [CallInput("x", "FP32", [2, 3], array=x)], [], "l", 30)
             )
             for _ in range(1000):  # bounded: until the request is in flight
                 await asyncio.sleep(0.001)

@@ -12,8 +12,9 @@ import pytest
 import zmq.asyncio
 
 from coordinator.process import CoordinatorProcess
-from frontend.call import RegionRef, resolve_region
+from frontend.call import resolve_region
 from frontend.coordinator_client import CoordinatorClient, Table
+from frontend.dispatcher import RegionRef
 from frontend.errors import ApiError
 from ipc.messages import ShmRegion
 from model_server.settings import Settings
