@@ -179,9 +179,7 @@ class InferResult:
         self.outputs = []
         for slot in slots:
             arena.free(slot)
-        if spill is not None:
-            spill.unlink()
-            spill.close()
+        _discard(spill)
 
     def __enter__(self) -> InferResult:
         return self
@@ -225,6 +223,17 @@ class _Outgoing:
     pending: _Pending
     body: BodyLease | None
     sent: asyncio.Future[int]  # the worker it went to, or the DispatchError
+
+
+def _discard(spill: Segment | None) -> None:
+    """A worker's spill segment of outputs, ours once its reply is read: gone with the request."""
+    if spill is not None:
+        spill.unlink()
+        spill.close()
+
+
+def _shutting_down() -> DispatchError:
+    return DispatchError(503, "shutting_down", "frontend is shutting down")
 
 
 def _align(n: int) -> int:
@@ -319,7 +328,7 @@ class Dispatcher:
             self.loop.remove_reader(fd)
         for pending in list(self.inflight.values()):
             if not pending.future.done():
-                pending.future.set_exception(DispatchError(503, "shutting_down", "frontend is shutting down"))
+                pending.future.set_exception(_shutting_down())
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.disable_monitor()
@@ -361,10 +370,8 @@ class Dispatcher:
                 continue
             self.per_worker.get(pending.worker, set()).discard(reply.seq)
             if pending.future.done():
-                # The caller gave up; the worker is done with the slot now.
-                self._free(pending.slots)
+                self._end_quarantine(pending)  # the caller gave up; the worker is done with the slots
                 self._drop_spill(reply.spill)
-                self.stats["quarantined"] -= 1
             else:
                 pending.future.set_result(reply)
 
@@ -397,12 +404,15 @@ class Dispatcher:
             if pending is None:
                 continue
             if pending.future.done():
-                self._free(pending.slots)  # the dead worker will never write again
-                self.stats["quarantined"] -= 1
+                self._end_quarantine(pending)  # the dead worker will never write again
             else:
                 pending.future.set_exception(
                     DispatchError(503, "worker_died", f"worker {index} exited while serving the request")
                 )
+
+    def _end_quarantine(self, pending: _Pending) -> None:
+        self._free(pending.slots)
+        self.stats["quarantined"] -= 1
 
     def _free(self, slots: list[Slot]) -> None:
         for slot in slots:
@@ -574,9 +584,7 @@ class Dispatcher:
             )
         except BaseException:
             self._free(slots)
-            if spill is not None:
-                spill.unlink()
-                spill.close()
+            _discard(spill)
             raise
 
     async def _send_within(self, outgoing: _Outgoing, timeout_s: float) -> int:
@@ -621,9 +629,7 @@ class Dispatcher:
         if self.sock is None or self.sock.closed:
             for outgoing in outbox:
                 if not outgoing.sent.done():
-                    outgoing.sent.set_exception(
-                        DispatchError(503, "shutting_down", "frontend is shutting down")
-                    )
+                    outgoing.sent.set_exception(_shutting_down())
             return
         for outgoing in outbox:
             if outgoing.sent.done():
@@ -684,28 +690,17 @@ class Dispatcher:
                 continue
             if tensor.arena_offset is not None:
                 assert tensor.raw is not None
-                refs.append(
-                    TensorRef(
-                        tensor.name,
-                        tensor.datatype,
-                        tensor.shape,
-                        self.arena.name,
-                        tensor.arena_offset,
-                        len(tensor.raw),
-                    )
-                )
-                continue
-            nbytes = tensor.nbytes()
-            dest = self.arena.view(offset, nbytes)
-            if tensor.raw is not None:
-                dest[:] = tensor.raw
-            elif tensor.array is not None:
-                target = np.frombuffer(dest, dtype=tensor.array.dtype).reshape(tensor.array.shape)
-                np.copyto(target, tensor.array, casting="no")
-            refs.append(
-                TensorRef(tensor.name, tensor.datatype, tensor.shape, self.arena.name, offset, nbytes)
-            )
-            offset += size
+                at, nbytes = tensor.arena_offset, len(tensor.raw)  # already there: read in place
+            else:
+                at, nbytes = offset, tensor.nbytes()
+                dest = self.arena.view(offset, nbytes)
+                if tensor.raw is not None:
+                    dest[:] = tensor.raw
+                elif tensor.array is not None:
+                    target = np.frombuffer(dest, dtype=tensor.array.dtype).reshape(tensor.array.shape)
+                    np.copyto(target, tensor.array, casting="no")
+                offset += size
+            refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, self.arena.name, at, nbytes))
         return refs
 
     def _read_outputs(self, reply: InferReply, spill: Segment | None) -> list[ResultTensor]:

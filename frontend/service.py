@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from ipc.messages import ModelConfig, ModelEntry, TensorRef
+from ipc.messages import ClientReply, ModelConfig, ModelEntry, TensorRef
 from model_server import metrics
 from model_server.settings import Settings
 
@@ -139,30 +139,25 @@ class Service:
             raise not_ready(entry)
         return entry
 
+    def _check_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "draining", "server is draining", retry_after=5)
+
     async def load(
         self, model_id: str, version: str, registry_uri: str | None, config: ModelConfig
     ) -> ModelEntry:
-        if self.draining:
-            raise ApiError(503, "draining", "server is draining", retry_after=5)
-        reply = await self.coordinator.load(
-            model_id, version, registry_uri, config, timeout=self.settings.load_timeout_s + 5
-        )
-        if reply.status != 200 or reply.entry is None:
-            raise ApiError(
-                reply.status,
-                reply.code or "load_failed",
-                reply.error,
-                {"model_id": model_id, "version": version},
-            )
+        self._check_draining()
+        timeout = self.settings.load_timeout_s + 5
+        reply = await self.coordinator.load(model_id, version, registry_uri, config, timeout=timeout)
+        entry = _entry_of(reply, "load_failed", {"model_id": model_id, "version": version})
         await self.coordinator.refresh()  # so this process routes to it at once, before the next publish
-        return reply.entry
+        return entry
 
     async def unload(self, model_id: str, version: str) -> ModelEntry:
         reply = await self.coordinator.unload(model_id, version, timeout=self.settings.drain_seconds + 10)
-        if reply.status != 200 or reply.entry is None:
-            raise ApiError(reply.status, reply.code or "unload_failed", reply.error, {"model_id": model_id})
+        entry = _entry_of(reply, "unload_failed", {"model_id": model_id})
         await self.coordinator.refresh()
-        return reply.entry
+        return entry
 
     # --- inference ---------------------------------------------------------------------
     async def infer(
@@ -179,22 +174,17 @@ class Service:
 
         ``timeout_s`` (a request's own deadline) may shorten, never lengthen, the server's.
         """
-        if self.draining:
-            raise ApiError(503, "draining", "server is draining", retry_after=5)
+        self._check_draining()
         timeout = self.settings.request_timeout_s
         if timeout_s is not None and 0 < timeout_s < timeout:
             timeout = timeout_s
+        rest = (inputs, output_names, trace_id, timeout, client_outputs, body)
         try:
-            return await self.dispatcher.infer(
-                entry, inputs, output_names, trace_id, timeout, client_outputs, body
-            )
+            return await self.dispatcher.infer(entry, *rest)
         except DispatchError as exc:
             if exc.code not in RETRYABLE:
                 raise
-        entry = await self._bring_back(entry)
-        return await self.dispatcher.infer(
-            entry, inputs, output_names, trace_id, timeout, client_outputs, body
-        )
+        return await self.dispatcher.infer(await self._bring_back(entry), *rest)
 
     async def _bring_back(self, entry: ModelEntry) -> ModelEntry:
         await self.coordinator.refresh()
@@ -209,9 +199,14 @@ class Service:
         reply = await self.coordinator.ensure(
             entry.model_id, entry.version, timeout=self.settings.load_timeout_s
         )
-        if reply.status != 200 or reply.entry is None:
-            raise ApiError(reply.status, reply.code or "model_not_ready", reply.error)
-        return reply.entry
+        return _entry_of(reply, "model_not_ready")
+
+
+def _entry_of(reply: ClientReply, code: str, details: dict[str, Any] | None = None) -> ModelEntry:
+    """The entry a coordinator reply carries, or its error (``code`` when it names none)."""
+    if reply.status != 200 or reply.entry is None:
+        raise ApiError(reply.status, reply.code or code, reply.error, details)
+    return reply.entry
 
 
 def not_ready(entry: ModelEntry) -> ApiError:
