@@ -38,7 +38,6 @@ router = APIRouter()
 
 def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
     schema = entry.schema
-    batching = entry.config.batching
     return {
         "model_id": entry.model_id,
         "version": entry.version,
@@ -55,12 +54,7 @@ def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
         "warmup_ms": entry.warmup_ms or None,
         "size_bytes": entry.size_bytes,
         "sha256": entry.sha256,
-        "batching": {
-            "max_batch_size": batching.max_batch_size,
-            "max_queue_delay_us": batching.max_queue_delay_us,
-            "preferred_batch_sizes": batching.preferred_batch_sizes,
-            "max_queue_size": batching.max_queue_size,
-        },
+        "batching": msgspec.structs.asdict(entry.config.batching),
         "progress": entry.progress,
     }
 
