@@ -1,21 +1,8 @@
 """Bearer-token access control: a pure-ASGI middleware and the route -> scope table.
 
-Three scopes:
-
-* ``open`` — health probes, the interactive docs and (unless
-  ``MODEL_SERVER_METRICS_REQUIRE_AUTH``) ``/metrics``: never checked, so Kubernetes
-  probes and the docs page work without a token.
-* ``admin`` — whatever changes what the server serves: model load/unload (V1 and the
-  V2 repository extension) and client shared-memory register/unregister.
-* ``inference`` — everything else, including paths no route matches, so that a 404
-  tells an unauthenticated client nothing about which paths exist.
-
-Admin tokens also pass inference checks. The inference scope is open when no
-inference tokens are configured (as before this module existed). With no admin
-tokens, admin routes are open only when the server listens on a loopback address
-(``make serve``) or ``MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN`` is set; then they
-need what the inference scope needs. On any other address they answer 403 naming
-the settings to use.
+The policy (scopes ``open``, ``inference`` and ``admin``, what is open without tokens, and
+why) is the README's "Access control"; ``AuthPolicy.refusal`` decides it for HTTP and gRPC.
+Unmatched paths need the inference scope, so a 404 tells an unauthenticated client nothing.
 
 Tokens are kept only as SHA-256 digests, looked up in a dict: the lookup's timing
 depends on the digest of what the client sent, never on how many characters of a
