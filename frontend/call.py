@@ -248,11 +248,15 @@ async def _client_outputs(service: Service, call: InferenceCall) -> list[TensorR
 # --- the call -------------------------------------------------------------------------------
 
 
-async def execute(service: Service, call: InferenceCall, tracker: Tracker) -> CallResult:
-    """Run ``call``: the one inference path every protocol shares."""
-    entry = await service.entry(call.model, call.version)
+async def execute(
+    service: Service, call: InferenceCall, tracker: Tracker, entry: ModelEntry | None = None
+) -> CallResult:
+    """Run ``call``: the one inference path every protocol shares. ``entry``: the model's, when
+    the codec already looked it up (REST does, so an unknown model answers before the body's errors)."""
+    if entry is None:
+        entry = await service.entry(call.model, call.version)
+        tracker.model, tracker.version = entry.model_id, entry.version
     assert entry.schema is not None
-    tracker.model, tracker.version = entry.model_id, entry.version
     model_var.set(f"{entry.model_id}:{entry.version}")
     check_inputs_against(call, entry.schema, service.settings)
     check_outputs_against(call, entry.schema)

@@ -20,7 +20,7 @@ from .call import execute
 from .errors import ApiError, describe
 from .grpc import grpc_service_pb2 as pb
 from .grpc import model_config_pb2 as mc
-from .grpc_codec import decode_infer, encode_result, error_stream_response
+from .grpc_codec import decode_infer, encode_result, error_stream_response, parameter_value
 from .rest import readiness
 from .service import Service
 
@@ -152,12 +152,10 @@ def _repository_parameters(params: Any) -> dict[str, Any]:
     """``ModelRepositoryParameter``s as the REST body's ``parameters`` object (``config``: JSON text)."""
     found: dict[str, Any] = {}
     for key, value in params.items():
-        which = value.WhichOneof("parameter_choice")
-        if which is None:
-            continue
-        item = getattr(value, which)
-        if which == "bytes_param":
+        if value.WhichOneof("parameter_choice") == "bytes_param":
             # Triton's `file:` overrides carry model files; this server loads from a source URI.
             raise ApiError(400, "invalid_request", f"parameters.{key}: file contents are not supported")
-        found[key] = item
+        item = parameter_value(value)
+        if item is not None:
+            found[key] = item
     return found

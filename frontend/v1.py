@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -84,7 +85,9 @@ router.add_api_route(
 async def prometheus_metrics(request: Request) -> Response:
     """Every process's metrics (multiprocess mode) plus the coordinator's table."""
     service = service_of(request)
-    body = metrics.exposition(lambda: service.table.snapshot)
+    # Off the event loop: reading every process's files, and waiting (at most the flush
+    # interval) for the other frontends' batches, would stall the requests in flight here.
+    body = await asyncio.to_thread(metrics.exposition, lambda: service.table.snapshot)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -215,7 +218,7 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
             timeout_s=envelope.timeout_ms / 1000 if envelope.timeout_ms else None,
             request_id=request_id_var.get(),
         )
-        with await execute(service, call, tracker) as result:
+        with await execute(service, call, tracker, entry) as result:
             records, whole = tensors_to_records(
                 [(o.name, o.array()) for o in result.outputs], rows, entry.schema
             )
@@ -230,9 +233,12 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
         return json_response(answer)
 
 
+_DECODER = msgspec.json.Decoder(InferBody)
+
+
 def _envelope(body: bytes | memoryview) -> InferBody:
     try:
-        envelope = msgspec.json.decode(body, type=InferBody)
+        envelope = _DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "invalid_request", f"request body: {exc}") from None
     except msgspec.DecodeError as exc:

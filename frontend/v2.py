@@ -157,7 +157,7 @@ async def infer_v2(
         tracker.model, tracker.version = entry.model_id, entry.version  # bad inputs are counted per model
         call = InferenceCall(model, version, [], request_id=request_id_var.get(), lease=lease)
         binary_default = v2_codec.decode(body, length, call, service.settings.allow_client_shm)
-        with await execute(service, call, tracker) as result:
+        with await execute(service, call, tracker, entry) as result:
             return v2_codec.encode(result, binary_default)
 
 

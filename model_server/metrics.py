@@ -53,6 +53,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ipc.arena import pid_alive
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -412,16 +414,6 @@ def flush_pending() -> None:
         recorder.flush()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def settle() -> None:
     """Before a read: write this process's batches, and wait (at most its flush interval, plus
     ``MARK_LAG_S`` for a busy event loop) for the other processes' batches of requests
@@ -429,7 +421,7 @@ def settle() -> None:
     frontend serves them."""
     flush_pending()
     intervals = [recorder.flush_interval_s for recorder in list(_RECORDERS)]
-    await_other_writers(max(intervals, default=0.0) + MARK_LAG_S, _pid_alive)
+    await_other_writers(max(intervals, default=0.0) + MARK_LAG_S, pid_alive)
 
 
 def process_registry() -> CollectorRegistry:

@@ -154,3 +154,30 @@ def identity_types(path: Path) -> Path:
         [helper.make_tensor_value_info(f"out_{k}", t, ["N", 2, 3]) for k, t in types.items()],
     )
     return save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def multi_feeds() -> dict[str, Any]:
+    """Inputs of the ``multi`` model: INT64, FP32, BOOL and BYTES (one empty, one non-ASCII)."""
+    return {
+        "count": np.array([[2], [5], [-1]], dtype=np.int64),
+        "amount": np.array([[1.5], [0.5], [4.0]], dtype=np.float32),
+        "flag": np.array([[True], [False], [True]]),
+        "tag": np.array([[b"a"], [b""], ["ünï".encode()]], dtype=object),
+    }
+
+
+def datatype_arrays(seed: int = 5) -> dict[str, Any]:
+    """One [3, 2, 3] array of every other datatype the ``types`` model echoes (key: its suffix)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "i8": rng.integers(-128, 127, size=(3, 2, 3)).astype(np.int8),
+        "u8": rng.integers(0, 255, size=(3, 2, 3)).astype(np.uint8),
+        "i16": rng.integers(-30000, 30000, size=(3, 2, 3)).astype(np.int16),
+        "u16": rng.integers(0, 65000, size=(3, 2, 3)).astype(np.uint16),
+        "i32": rng.integers(-(2**31), 2**31 - 1, size=(3, 2, 3)).astype(np.int32),
+        "u32": rng.integers(0, 2**32 - 1, size=(3, 2, 3)).astype(np.uint32),
+        "u64": rng.integers(0, 2**63, size=(3, 2, 3)).astype(np.uint64),
+        "f16": rng.normal(size=(3, 2, 3)).astype(np.float16),
+        "f64": rng.normal(size=(3, 2, 3)),
+        "b": rng.integers(0, 2, size=(3, 2, 3)).astype(bool),
+    }

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ipc.arena import pid_alive
 from model_server import metrics
 
 # Durations on bucket bounds (le is inclusive), between them, past the last bound, and zero.
@@ -158,12 +159,12 @@ def test_a_reader_skips_dead_writers_and_gives_up_on_a_wedged_one(
     )
     dead = tmp_path / f"pending_{int(gone.stdout)}_0.bin"
     dead.write_bytes(struct.pack("d", 1.0))  # counted long ago, never written: it died
-    assert metrics.await_other_writers(5.0, metrics._pid_alive)
+    assert metrics.await_other_writers(5.0, pid_alive)
     assert not dead.exists()
     # A live process (this one's parent) whose mark predates the read and is never cleared.
     wedged = tmp_path / f"pending_{os.getppid()}_0.bin"
     wedged.write_bytes(struct.pack("d", 1.0))
-    assert not metrics.await_other_writers(0.05, metrics._pid_alive)
+    assert not metrics.await_other_writers(0.05, pid_alive)
     # One whose batch began after the read started is not waited for.
     wedged.write_bytes(struct.pack("d", time.monotonic() + 3600))
-    assert metrics.await_other_writers(5.0, metrics._pid_alive)
+    assert metrics.await_other_writers(5.0, pid_alive)

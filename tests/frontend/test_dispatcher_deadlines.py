@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +39,6 @@ class GatedWorker(FakeWorkerProcess):
     def close(self) -> None:
         self.gate.set()
         super().close()
-
-
-@pytest.fixture
-def gated() -> Iterator[tuple[Harness, GatedWorker]]:
-    h = Harness()
-    worker = GatedWorker(h.run_dir, h.engine)
-    h.worker = worker
-    worker.start()
-    try:
-        yield h, worker
-    finally:
-        h.close()
 
 
 def test_a_shorter_deadline_fires_first_and_its_slot_waits_for_the_late_reply(

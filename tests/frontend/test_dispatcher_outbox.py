@@ -8,7 +8,6 @@ test decides when it computes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,6 @@ from tests.models import ort_run
 
 from .test_dispatcher import Harness, _closed, _started_dispatcher
 from .test_dispatcher_deadlines import GatedWorker
-
-
-@pytest.fixture
-def gated() -> Iterator[tuple[Harness, GatedWorker]]:
-    h = Harness()
-    worker = GatedWorker(h.run_dir, h.engine)
-    h.worker = worker
-    worker.start()
-    try:
-        yield h, worker
-    finally:
-        h.close()
 
 
 def test_a_burst_goes_out_together_and_each_caller_gets_its_own_rows(

@@ -22,8 +22,10 @@ import tritonclient.utils.shared_memory as shm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from tests import models
 from tests.models import ort_run
 
+from .regions import client_region
 from .server import Server
 
 pytestmark = pytest.mark.integration
@@ -107,12 +109,7 @@ def test_infer_typed_contents(client: tg.InferenceServerClient, gserver: Server,
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc
 
-    feeds: dict[str, np.ndarray] = {
-        "count": np.array([[2], [5], [-1]], dtype=np.int64),
-        "amount": np.array([[1.5], [0.5], [4.0]], dtype=np.float32),
-        "flag": np.array([[True], [False], [True]]),
-        "tag": np.array([[b"a"], [b""], ["ünï".encode()]], dtype=object),
-    }
+    feeds = models.multi_feeds()
     expected = ort_run(repository / "multi" / "1" / "model.onnx", feeds)
     request = pb.ModelInferRequest(model_name="multi")
     fields = {
@@ -133,30 +130,13 @@ def test_infer_typed_contents(client: tg.InferenceServerClient, gserver: Server,
 
 
 def test_int64_bool_bytes_and_every_datatype(client: tg.InferenceServerClient, repository: Path) -> None:
-    feeds: dict[str, np.ndarray] = {
-        "count": np.array([[2], [5], [-1]], dtype=np.int64),
-        "amount": np.array([[1.5], [0.5], [4.0]], dtype=np.float32),
-        "flag": np.array([[True], [False], [True]]),
-        "tag": np.array([[b"a"], [b""], ["ünï".encode()]], dtype=object),
-    }
+    feeds = models.multi_feeds()
     expected = ort_run(repository / "multi" / "1" / "model.onnx", feeds)
     result = client.infer("multi", [_input(n, v) for n, v in feeds.items()])
     np.testing.assert_allclose(result.as_numpy("total"), expected["total"])
     np.testing.assert_array_equal(result.as_numpy("not_flag"), expected["not_flag"])
     assert [t.decode() for t in result.as_numpy("tag_out").reshape(-1)] == ["a", "", "ünï"]
-    rng = np.random.default_rng(5)
-    arrays: dict[str, np.ndarray] = {
-        "i8": rng.integers(-128, 127, size=(3, 2, 3)).astype(np.int8),
-        "u8": rng.integers(0, 255, size=(3, 2, 3)).astype(np.uint8),
-        "i16": rng.integers(-30000, 30000, size=(3, 2, 3)).astype(np.int16),
-        "u16": rng.integers(0, 65000, size=(3, 2, 3)).astype(np.uint16),
-        "i32": rng.integers(-(2**31), 2**31 - 1, size=(3, 2, 3)).astype(np.int32),
-        "u32": rng.integers(0, 2**32 - 1, size=(3, 2, 3)).astype(np.uint32),
-        "u64": rng.integers(0, 2**63, size=(3, 2, 3)).astype(np.uint64),
-        "f16": rng.normal(size=(3, 2, 3)).astype(np.float16),
-        "f64": rng.normal(size=(3, 2, 3)),
-        "b": rng.integers(0, 2, size=(3, 2, 3)).astype(bool),
-    }
+    arrays = models.datatype_arrays()
     typed = {f"in_{k}": v for k, v in arrays.items()}
     want = ort_run(repository / "types" / "1" / "model.onnx", typed)
     got = client.infer("types", [_input(n, v) for n, v in typed.items()])
@@ -219,17 +199,8 @@ def test_classification(client: tg.InferenceServerClient, repository: Path) -> N
         assert float(value) == pytest.approx(float(row.max()), abs=1e-6)
 
 
-@contextlib.contextmanager
-def _region(client: tg.InferenceServerClient, name: str, size: int) -> Iterator[Any]:
-    key = f"/ms_grpc_{name}_{secrets.token_hex(3)}"
-    handle = shm.create_shared_memory_region(name, key, size)
-    try:
-        client.register_system_shared_memory(name, key, size)
-        yield handle
-    finally:
-        with contextlib.suppress(InferenceServerException):
-            client.unregister_system_shared_memory(name)
-        shm.destroy_shared_memory_region(handle)
+def _region(client: tg.InferenceServerClient, name: str, size: int) -> contextlib.AbstractContextManager[Any]:
+    return client_region(client, name, size, "grpc")
 
 
 def test_shared_memory_inputs_and_outputs(client: tg.InferenceServerClient, repository: Path) -> None:

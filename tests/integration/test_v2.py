@@ -18,6 +18,7 @@ import tritonclient.http as tc
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from tests import models
 from tests.models import ort_run
 
 from .server import Server
@@ -214,19 +215,7 @@ def test_classification_extension(client: tc.InferenceServerClient, repository: 
 
 
 def test_datatypes_and_shapes(client: tc.InferenceServerClient, repository: Path) -> None:
-    rng = np.random.default_rng(5)
-    arrays: dict[str, np.ndarray] = {
-        "i8": rng.integers(-128, 127, size=(3, 2, 3)).astype(np.int8),
-        "u8": rng.integers(0, 255, size=(3, 2, 3)).astype(np.uint8),
-        "i16": rng.integers(-30000, 30000, size=(3, 2, 3)).astype(np.int16),
-        "u16": rng.integers(0, 65000, size=(3, 2, 3)).astype(np.uint16),
-        "i32": rng.integers(-(2**31), 2**31 - 1, size=(3, 2, 3)).astype(np.int32),
-        "u32": rng.integers(0, 2**32 - 1, size=(3, 2, 3)).astype(np.uint32),
-        "u64": rng.integers(0, 2**63, size=(3, 2, 3)).astype(np.uint64),
-        "f16": rng.normal(size=(3, 2, 3)).astype(np.float16),
-        "f64": rng.normal(size=(3, 2, 3)),
-        "b": rng.integers(0, 2, size=(3, 2, 3)).astype(bool),
-    }
+    arrays = models.datatype_arrays()
     feeds = {f"in_{k}": v for k, v in arrays.items()}
     expected = ort_run(repository / "types" / "1" / "model.onnx", feeds)
     for binary in (True, False):

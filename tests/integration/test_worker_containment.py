@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import tritonclient.http as tc
 import tritonclient.utils.shared_memory as shm
-from tritonclient.utils import InferenceServerException
 
 from ipc.arena import SHM_DIR
 from model_server import demo
 from tests import fault_models, models
 from tests.models import ort_run
 
+from .regions import client_region
 from .server import Server
 
 pytestmark = pytest.mark.integration
@@ -281,17 +281,8 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(
 # ----------------------------------------------------------------------------- client regions
 
 
-@contextlib.contextmanager
-def _region(client: tc.InferenceServerClient, name: str, size: int) -> Iterator[Any]:
-    key = f"/ms_contain_{name}_{secrets.token_hex(3)}"
-    handle = shm.create_shared_memory_region(name, key, size)
-    try:
-        client.register_system_shared_memory(name, key, size)
-        yield handle
-    finally:
-        with contextlib.suppress(InferenceServerException):
-            client.unregister_system_shared_memory(name)
-        shm.destroy_shared_memory_region(handle)
+def _region(client: tc.InferenceServerClient, name: str, size: int) -> contextlib.AbstractContextManager[Any]:
+    return client_region(client, name, size, "contain")
 
 
 @pytest.fixture
