@@ -9,6 +9,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,6 +22,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tests import models
 from tests.models import ort_run
 
+from .regions import client_region
 from .server import Server
 
 pytestmark = pytest.mark.integration
@@ -251,17 +253,8 @@ def test_bytes_and_bool(client: tc.InferenceServerClient, repository: Path) -> N
         assert tags == list(expected["tag_out"].reshape(-1))
 
 
-@contextlib.contextmanager
-def _region(client: tc.InferenceServerClient, name: str, size: int) -> Iterator[object]:
-    key = f"/ms_test_{name}_{secrets.token_hex(3)}"
-    handle = shm.create_shared_memory_region(name, key, size)
-    try:
-        client.register_system_shared_memory(name, key, size)
-        yield handle
-    finally:
-        with contextlib.suppress(InferenceServerException):
-            client.unregister_system_shared_memory(name)
-        shm.destroy_shared_memory_region(handle)
+def _region(client: tc.InferenceServerClient, name: str, size: int) -> contextlib.AbstractContextManager[Any]:
+    return client_region(client, name, size, "test")
 
 
 def test_shared_memory_inputs_and_outputs(
