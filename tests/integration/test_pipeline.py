@@ -251,12 +251,16 @@ def test_deadline_unload_waits_and_not_ready(server: Server, repository: Path) -
     assert timed_out.status_code == 504, timed_out.text
     assert timed_out.json()["error"]["code"] == "deadline_exceeded"
 
+    # The request in flight during the unload must outlast the polling below by a wide margin:
+    # 64 rows run in ~0.4 s, so it could finish (and the unload complete, answering 404) before the
+    # refused request was sent. 320 rows of ones run ~2 s on one core and stay a ~1 MB body.
+    running = np.ones((320, 1024), dtype=np.float32).tolist()
     results: dict[str, httpx.Response] = {}
 
     def run() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as other:
             results["infer"] = other.post(
-                "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x}}
+                "/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": running}}
             )
 
     worker = threading.Thread(target=run)
@@ -276,15 +280,16 @@ def test_deadline_unload_waits_and_not_ready(server: Server, repository: Path) -
         models = {m["model_id"]: m for m in c.get("/v1/models").json()["models"]}
         state = models.get("slow", {}).get("state", "")
         time.sleep(0.02)
-    if state == "unloading":
-        refused = c.post("/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x[:1]}})
-        assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_unloading"
+    assert state == "unloading", state
+    refused = c.post("/v1/infer", json={"model_id": "slow", "model_version": "1", "inputs": {"x": x[:1]}})
+    assert "infer" not in results  # still running: the unload cannot have finished
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_unloading"
     worker.join(60)
     remover.join(60)
     # The request that was running when the unload began finished normally.
     assert results["infer"].status_code == 200, results["infer"].text
     assert unloading["r"].status_code == 200
-    expected = ort_run(repository / "slow" / "1" / "model.onnx", {"x": np.array(x, dtype=np.float32)})
+    expected = ort_run(repository / "slow" / "1" / "model.onnx", {"x": np.array(running, dtype=np.float32)})
     np.testing.assert_allclose(
         np.array([o["y"] for o in results["infer"].json()["outputs"]]), expected["y"], rtol=1e-5
     )
