@@ -103,13 +103,19 @@ class GrpcFrontend:
 
     async def start(self) -> None:
         """Listen, or raise ``OSError`` naming the setting (the process then fails to boot)."""
-        limit = self.settings.grpc_max_message_bytes
+        settings = self.settings
+        limit = settings.grpc_max_message_bytes
+        # Every connection-level resource a client can hold has a bound here, as on the HTTP port:
+        # connections (refused at connect beyond the limit), idle connections, slow handshakes.
         server = grpc.aio.server(
-            maximum_concurrent_rpcs=self.settings.grpc_max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
+                ("grpc.max_connection_idle_ms", round(settings.grpc_connection_idle_s * 1000)),
+                ("grpc.server_handshake_timeout_ms", round(settings.header_timeout_s * 1000)),
             ],
         )
         server.add_generic_rpc_handlers((self._handlers(),))

@@ -77,6 +77,18 @@ class Settings(BaseSettings):
         ge=1,
         description="RPCs one frontend process serves at once; more are refused with RESOURCE_EXHAUSTED.",
     )
+    grpc_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open gRPC connections one frontend process accepts; more are refused at connect "
+        "(the REST counterpart is `MODEL_SERVER_LIMIT_CONCURRENCY`).",
+    )
+    grpc_connection_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection with no call for this long is closed (GOAWAY; clients reconnect "
+        "on their next call), so idle clients do not hold `MODEL_SERVER_GRPC_MAX_CONNECTIONS`.",
+    )
     grpc_stream_idle_s: float = Field(
         60.0,
         gt=0,
@@ -286,7 +298,10 @@ class Settings(BaseSettings):
         "connection closed above); whatever it reserved is freed.",
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="Time a connection may take to send a request's headers (closed above)."
+        10.0,
+        gt=0,
+        description="Time a connection may take to send a request's headers (closed above); on the gRPC "
+        "port, the time a new connection may take for its HTTP/2 handshake.",
     )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request line plus headers (431 and closed above)."
