@@ -49,22 +49,19 @@ class Table:
 
     def __init__(self, snapshot: TableSnapshot | None = None) -> None:
         self.snapshot = snapshot
-        self.models: dict[tuple[str, str], ModelEntry] = {}
-        self.latest: dict[str, ModelEntry] = {}  # newest ready version per name
-        self.named: dict[str, ModelEntry] = {}  # any version per name (the lowest), for a state to report
+        entries = snapshot.models if snapshot else []
+        self.models: dict[tuple[str, str], ModelEntry] = {(e.model_id, e.version): e for e in entries}
         self.workers: dict[int, WorkerState] = {w.index: w for w in snapshot.workers} if snapshot else {}
         self.regions: dict[str, ShmRegion] = {r.name: r for r in snapshot.regions} if snapshot else {}
-        for entry in snapshot.models if snapshot else ():
-            self.models[(entry.model_id, entry.version)] = entry
-            # Built once per snapshot so a request naming no version is one dict lookup.
-            known = self.named.get(entry.model_id)
-            if known is None or version_key(entry.version) < version_key(known.version):
-                self.named[entry.model_id] = entry
-            if entry.state != "ready":
-                continue
-            best = self.latest.get(entry.model_id)
-            if best is None or version_key(entry.version) > version_key(best.version):
-                self.latest[entry.model_id] = entry
+        # Built once per snapshot so a request naming no version is one dict lookup. The sorts
+        # are stable, so of two versions that compare equal the one listed first wins.
+        self.named: dict[str, ModelEntry] = {}  # any version per name (the lowest), for a state to report
+        for entry in sorted(entries, key=lambda e: version_key(e.version)):
+            self.named.setdefault(entry.model_id, entry)
+        self.latest: dict[str, ModelEntry] = {}  # newest ready version per name
+        for entry in sorted(entries, key=lambda e: version_key(e.version), reverse=True):
+            if entry.state == "ready":
+                self.latest.setdefault(entry.model_id, entry)
 
 
 class CoordinatorClient:

@@ -261,7 +261,6 @@ class Dispatcher:
         self.ctx = ctx
         self.run_dir = run_dir
         self.arena = Arena(shm_prefix, arena_bytes)
-        self.identity = f"f{os.getpid()}-{secrets.token_hex(2)}".encode()
         self.sock: zmq.Socket[bytes] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
         self.endpoints: dict[str, int] = {}
@@ -289,7 +288,7 @@ class Dispatcher:
         self.loop = asyncio.get_running_loop()
         sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
         sock = endpoints.configure(sync_ctx.socket(zmq.ROUTER), linger_ms=0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.ROUTING_ID, f"f{os.getpid()}-{secrets.token_hex(2)}".encode())
         # Unknown or gone worker -> EHOSTUNREACH at send time, instead of a silent drop.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reuses its routing id; the new connection takes it over.
