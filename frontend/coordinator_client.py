@@ -73,13 +73,10 @@ class CoordinatorClient:
         self._pending: dict[int, asyncio.Future[ClientReply]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[Callable[[Table], None]] = []
+        # Called with each new table (the dispatcher connects to new workers).
+        self.on_table: Callable[[Table], None] | None = None
         self.dealer: zmq.asyncio.Socket | None = None
         self.sub: zmq.asyncio.Socket | None = None
-
-    def on_table(self, callback: Callable[[Table], None]) -> None:
-        """Call ``callback(table)`` after each new snapshot (the dispatcher connects to new workers)."""
-        self._listeners.append(callback)
 
     async def start(self) -> None:
         self.dealer = endpoints.configure(self.ctx.socket(zmq.DEALER), linger_ms=0)
@@ -111,8 +108,8 @@ class CoordinatorClient:
         if self.table.snapshot is not None and snapshot.epoch < self.table.snapshot.epoch:
             return  # an older snapshot overtaken by a newer one
         self.table = Table(snapshot)
-        for callback in self._listeners:
-            callback(self.table)
+        if self.on_table is not None:
+            self.on_table(self.table)
 
     async def _read_table(self) -> None:
         assert self.sub is not None

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
+from zmq.utils.monitor import recv_monitor_message
 
 from ipc import datatypes, endpoints
 from ipc.arena import ALIGNMENT, Arena, ArenaFull, Segment, SegmentError, Slot, TooLarge
@@ -366,8 +366,7 @@ class Dispatcher:
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
         while int(self.monitor.getsockopt(_EVENTS)) & _POLLIN:
-            frames = self.monitor.recv_multipart(zmq.NOBLOCK)
-            event = parse_monitor_message(frames)
+            event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             index = self.endpoints.get(event["endpoint"].decode())
             if index is None:
                 continue
@@ -385,9 +384,7 @@ class Dispatcher:
             self.stats["worker_deaths"] += 1
             log.error("worker %d disconnected with %d request(s) in flight: failing them", index, len(seqs))
         for seq in seqs:
-            pending = self.inflight.pop(seq, None)
-            if pending is None:
-                continue
+            pending = self.inflight.pop(seq)  # a request leaves both maps together
             if pending.future.done():
                 self._end_quarantine(pending)  # the dead worker will never write again
             else:
@@ -510,9 +507,7 @@ class Dispatcher:
         except TimeoutError:
             self.stats["quarantined"] += 1
             raise ApiError(
-                504,
-                "deadline_exceeded",
-                f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
+                504, "deadline_exceeded", f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)"
             ) from None
         except asyncio.CancelledError:
             # Client went away: the reply handler frees the slot when the worker is done.
@@ -582,16 +577,15 @@ class Dispatcher:
             try:
                 return await self._queue(outgoing)
             except ApiError:
-                coming = [
-                    w
-                    for w in outgoing.workers
-                    if not self.connected.get(w)
-                    and w in self.live_pids
-                    and self.lost_pids.get(w) != self.live_pids[w]
-                ]
+                coming = any(self._reconnecting(w) for w in outgoing.workers)
                 if not coming or time.monotonic() + RECONNECT_POLL_S > deadline:
                     raise
             await asyncio.sleep(RECONNECT_POLL_S)
+
+    def _reconnecting(self, worker: int) -> bool:
+        """Not connected, but the coordinator reports a live process for it that we have not lost."""
+        live = self.live_pids.get(worker)
+        return not self.connected.get(worker) and live is not None and self.lost_pids.get(worker) != live
 
     # Sends are queued and made together at the end of the loop iteration: ZeroMQ wakes its
     # I/O thread once for a burst of messages instead of once per message. A request is

@@ -87,7 +87,7 @@ class Service:
         self.dispatcher = Dispatcher(
             self.ctx, settings.run_dir, settings.shm_prefix, settings.shm_arena_bytes, settings.workers
         )
-        self.coordinator.on_table(self.dispatcher.on_table)
+        self.coordinator.on_table = self.dispatcher.on_table
         self.draining = False
         self.inflight = 0
         self.request_metrics = metrics.RequestMetrics(settings.metrics_flush_interval_s)
