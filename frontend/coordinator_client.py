@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -20,16 +20,13 @@ import zmq.asyncio
 
 from ipc import endpoints
 from ipc.messages import (
-    ClientEnsure,
     ClientGet,
     ClientIndex,
-    ClientLoad,
     ClientLookup,
     ClientReply,
+    ClientRequest,
     ClientShmRegister,
     ClientShmUnregister,
-    ClientUnload,
-    ModelConfig,
     ModelEntry,
     ShmRegion,
     TableSnapshot,
@@ -42,8 +39,6 @@ from model_server.naming import version_key
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]
-
 
 class CoordinatorUnavailable(Exception):
     """No answer from the coordinator in time."""
@@ -54,31 +49,19 @@ class Table:
 
     def __init__(self, snapshot: TableSnapshot | None = None) -> None:
         self.snapshot = snapshot
-        self.received_at = time.monotonic() if snapshot else 0.0
-        self.models: dict[Key, ModelEntry] = {}
-        self.latest: dict[str, ModelEntry] = {}  # newest ready version per name
+        entries = snapshot.models if snapshot else []
+        self.models: dict[tuple[str, str], ModelEntry] = {(e.model_id, e.version): e for e in entries}
+        self.workers: dict[int, WorkerState] = {w.index: w for w in snapshot.workers} if snapshot else {}
+        self.regions: dict[str, ShmRegion] = {r.name: r for r in snapshot.regions} if snapshot else {}
+        # Built once per snapshot so a request naming no version is one dict lookup. The sorts
+        # are stable, so of two versions that compare equal the one listed first wins.
         self.named: dict[str, ModelEntry] = {}  # any version per name (the lowest), for a state to report
-        self.workers: dict[int, WorkerState] = {}
-        self.regions: dict[str, ShmRegion] = {}
-        if snapshot is None:
-            return
-        self.regions = {r.name: r for r in snapshot.regions}
-        for entry in snapshot.models:
-            self.models[(entry.model_id, entry.version)] = entry
-            # Built once per snapshot so a request naming no version is one dict lookup.
-            known = self.named.get(entry.model_id)
-            if known is None or version_key(entry.version) < version_key(known.version):
-                self.named[entry.model_id] = entry
-            if entry.state != "ready":
-                continue
-            best = self.latest.get(entry.model_id)
-            if best is None or version_key(entry.version) > version_key(best.version):
-                self.latest[entry.model_id] = entry
-        self.workers = {w.index: w for w in snapshot.workers}
-
-    @property
-    def epoch(self) -> int:
-        return self.snapshot.epoch if self.snapshot else -1
+        for entry in sorted(entries, key=lambda e: version_key(e.version)):
+            self.named.setdefault(entry.model_id, entry)
+        self.latest: dict[str, ModelEntry] = {}  # newest ready version per name
+        for entry in sorted(entries, key=lambda e: version_key(e.version), reverse=True):
+            if entry.state == "ready":
+                self.latest.setdefault(entry.model_id, entry)
 
 
 class CoordinatorClient:
@@ -90,13 +73,10 @@ class CoordinatorClient:
         self._pending: dict[int, asyncio.Future[ClientReply]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[Any] = []
+        # Called with each new table (the dispatcher connects to new workers).
+        self.on_table: Callable[[Table], None] | None = None
         self.dealer: zmq.asyncio.Socket | None = None
         self.sub: zmq.asyncio.Socket | None = None
-
-    def on_table(self, callback: Any) -> None:
-        """Call ``callback(table)`` after each new snapshot (the dispatcher connects to new workers)."""
-        self._listeners.append(callback)
 
     async def start(self) -> None:
         self.dealer = endpoints.configure(self.ctx.socket(zmq.DEALER), linger_ms=0)
@@ -116,9 +96,7 @@ class CoordinatorClient:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(CoordinatorUnavailable("frontend is shutting down"))
@@ -127,11 +105,11 @@ class CoordinatorClient:
                 sock.close(linger=0)
 
     def _apply(self, snapshot: TableSnapshot) -> None:
-        if self.table.snapshot is not None and snapshot.epoch < self.table.epoch:
+        if self.table.snapshot is not None and snapshot.epoch < self.table.snapshot.epoch:
             return  # an older snapshot overtaken by a newer one
         self.table = Table(snapshot)
-        for callback in self._listeners:
-            callback(self.table)
+        if self.on_table is not None:
+            self.on_table(self.table)
 
     async def _read_table(self) -> None:
         assert self.sub is not None
@@ -160,47 +138,35 @@ class CoordinatorClient:
             if msg.table is not None:
                 self._apply(msg.table)
 
-    async def request(self, build: Any, timeout: float | None = None) -> ClientReply:
-        """Send ``build(req_id)`` and wait for its reply."""
+    async def request(
+        self, kind: Callable[..., ClientRequest], *args: Any, timeout: float | None = None
+    ) -> ClientReply:
+        """Send ``kind(req_id, *args)`` and wait for its reply."""
         assert self.dealer is not None
         req = next(self._ids)
         fut: asyncio.Future[ClientReply] = asyncio.get_running_loop().create_future()
         self._pending[req] = fut
+        timeout = timeout or self.timeout_s
         try:
-            await self.dealer.send(encode(build(req)))
-            return await asyncio.wait_for(fut, timeout or self.timeout_s)
+            await self.dealer.send(encode(kind(req, *args)))
+            return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise CoordinatorUnavailable(
-                f"the coordinator did not answer within {timeout or self.timeout_s:.1f} s"
-            ) from None
+            raise CoordinatorUnavailable(f"the coordinator did not answer within {timeout:.1f} s") from None
         finally:
             self._pending.pop(req, None)
 
     async def refresh(self, timeout: float | None = None) -> ClientReply:
-        return await self.request(ClientGet, timeout)
+        return await self.request(ClientGet, timeout=timeout)
 
-    async def lookup(self, model_id: str, version: str | None, timeout: float | None = None) -> ClientReply:
+    async def lookup(self, model_id: str, version: str | None) -> ClientReply:
         """One model's entry from the coordinator (404 without the table when unknown)."""
-        return await self.request(lambda req: ClientLookup(req, model_id, version or ""), timeout)
-
-    async def load(
-        self, model_id: str, version: str, registry_uri: str | None, config: ModelConfig, timeout: float
-    ) -> ClientReply:
-        return await self.request(
-            lambda req: ClientLoad(req, model_id, version, registry_uri, config), timeout
-        )
-
-    async def unload(self, model_id: str, version: str, timeout: float) -> ClientReply:
-        return await self.request(lambda req: ClientUnload(req, model_id, version), timeout)
-
-    async def ensure(self, model_id: str, version: str, timeout: float) -> ClientReply:
-        return await self.request(lambda req: ClientEnsure(req, model_id, version), timeout)
+        return await self.request(ClientLookup, model_id, version or "")
 
     async def index(self) -> ClientReply:
         return await self.request(ClientIndex)
 
     async def register_region(self, region: ShmRegion) -> ClientReply:
-        return await self.request(lambda req: ClientShmRegister(req, region))
+        return await self.request(ClientShmRegister, region)
 
     async def unregister_region(self, name: str) -> ClientReply:
-        return await self.request(lambda req: ClientShmUnregister(req, name))
+        return await self.request(ClientShmUnregister, name)

@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
+from zmq.utils.monitor import recv_monitor_message
 
 from ipc import datatypes, endpoints
 from ipc.arena import ALIGNMENT, Arena, ArenaFull, Segment, SegmentError, Slot, TooLarge
@@ -77,7 +78,7 @@ def _routing_id(worker: int) -> bytes:
     return endpoints.worker_routing_id(worker)
 
 
-# One error type for the frontend (frontend/errors.py); the name stays for this module's callers.
+# The frontend's one error type (frontend/errors.py) under its older name, which tests still use.
 DispatchError = ApiError
 
 
@@ -150,14 +151,9 @@ class ResultTensor:
         if self.classes is not None:
             return self.classes
         assert self.data is not None
-        return view_array(self.data, self.datatype, self.shape)
-
-
-def view_array(data: memoryview, datatype: str, shape: list[int]) -> Array:
-    """Tensor bytes as numpy of ``shape``: a view, or for BYTES an object array of bytes."""
-    if datatype == "BYTES":
-        return datatypes.deserialize_bytes(data, math.prod(shape)).reshape(shape)
-    return np.frombuffer(data, dtype=datatypes.numpy_dtype(datatype)).reshape(shape)
+        if self.datatype == "BYTES":
+            return datatypes.deserialize_bytes(self.data, math.prod(self.shape)).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=datatypes.numpy_dtype(self.datatype)).reshape(self.shape)
 
 
 @dataclass
@@ -222,7 +218,7 @@ class _Outgoing:
     seq: int
     pending: _Pending
     body: BodyLease | None
-    sent: asyncio.Future[int]  # the worker it went to, or the DispatchError
+    sent: asyncio.Future[int]  # the worker it went to, or the ApiError
 
 
 def _discard(spill: Segment | None) -> None:
@@ -232,8 +228,8 @@ def _discard(spill: Segment | None) -> None:
         spill.close()
 
 
-def _shutting_down() -> DispatchError:
-    return DispatchError(503, "shutting_down", "frontend is shutting down")
+def _shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "frontend is shutting down")
 
 
 def _align(n: int) -> int:
@@ -247,32 +243,24 @@ def estimate_output_bytes(schema: ModelSchema | None, rows: int, names: list[str
     wanted = [o for o in schema.outputs if not names or o.name in names]
     total = 0
     for spec in wanted:
-        if spec.datatype == "BYTES" or spec.datatype not in datatypes.OIP_TO_NUMPY:
-            total += max(UNKNOWN_OUTPUT_BYTES, input_bytes)
-            continue
         dims = list(spec.shape)
         if dims and dims[0] == -1:
             dims[0] = max(rows, 1)
-        if any(d < 0 for d in dims):
+        sized = spec.datatype != "BYTES" and spec.datatype in datatypes.OIP_TO_NUMPY
+        if sized and all(d >= 0 for d in dims):
+            total += _align(datatypes.nbytes_of(spec.datatype, dims))
+        else:
             total += max(UNKNOWN_OUTPUT_BYTES, input_bytes)
-            continue
-        total += _align(datatypes.nbytes_of(spec.datatype, dims))
     return max(total, ALIGNMENT)
 
 
 class Dispatcher:
     def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        run_dir: Any,
-        shm_prefix: str,
-        arena_bytes: int,
-        workers: int,
+        self, ctx: zmq.asyncio.Context, run_dir: Any, shm_prefix: str, arena_bytes: int, workers: int
     ) -> None:
         self.ctx = ctx
         self.run_dir = run_dir
         self.arena = Arena(shm_prefix, arena_bytes)
-        self.identity = f"f{os.getpid()}-{secrets.token_hex(2)}".encode()
         self.sock: zmq.Socket[bytes] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
         self.endpoints: dict[str, int] = {}
@@ -283,7 +271,7 @@ class Dispatcher:
         self.live_pids: dict[int, int] = {}
         self.lost_pids: dict[int, int] = {}
         self.inflight: dict[int, _Pending] = {}
-        self.per_worker: dict[int, set[int]] = {}
+        self.per_worker: defaultdict[int, set[int]] = defaultdict(set)
         self._seq = itertools.count(1)
         self._rr = itertools.count()
         self._fds: list[int] = []
@@ -300,7 +288,7 @@ class Dispatcher:
         self.loop = asyncio.get_running_loop()
         sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
         sock = endpoints.configure(sync_ctx.socket(zmq.ROUTER), linger_ms=0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.ROUTING_ID, f"f{os.getpid()}-{secrets.token_hex(2)}".encode())
         # Unknown or gone worker -> EHOSTUNREACH at send time, instead of a silent drop.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reuses its routing id; the new connection takes it over.
@@ -368,7 +356,7 @@ class Dispatcher:
             if pending is None:
                 self._drop_spill(reply.spill)
                 continue
-            self.per_worker.get(pending.worker, set()).discard(reply.seq)
+            self.per_worker[pending.worker].discard(reply.seq)
             if pending.future.done():
                 self._end_quarantine(pending)  # the caller gave up; the worker is done with the slots
                 self._drop_spill(reply.spill)
@@ -378,12 +366,8 @@ class Dispatcher:
     def _drain_monitor(self) -> None:
         assert self.monitor is not None
         while int(self.monitor.getsockopt(_EVENTS)) & _POLLIN:
-            frames = self.monitor.recv_multipart(zmq.NOBLOCK)
-            event = parse_monitor_message(frames)
-            endpoint = (
-                event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else event["endpoint"]
-            )
-            index = self.endpoints.get(endpoint)
+            event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            index = self.endpoints.get(event["endpoint"].decode())
             if index is None:
                 continue
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -400,14 +384,12 @@ class Dispatcher:
             self.stats["worker_deaths"] += 1
             log.error("worker %d disconnected with %d request(s) in flight: failing them", index, len(seqs))
         for seq in seqs:
-            pending = self.inflight.pop(seq, None)
-            if pending is None:
-                continue
+            pending = self.inflight.pop(seq)  # a request leaves both maps together
             if pending.future.done():
                 self._end_quarantine(pending)  # the dead worker will never write again
             else:
                 pending.future.set_exception(
-                    DispatchError(503, "worker_died", f"worker {index} exited while serving the request")
+                    ApiError(503, "worker_died", f"worker {index} exited while serving the request")
                 )
 
     def _end_quarantine(self, pending: _Pending) -> None:
@@ -423,9 +405,9 @@ class Dispatcher:
         try:
             return self.arena.alloc(nbytes)
         except TooLarge as exc:
-            raise DispatchError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
+            raise ApiError(413, "payload_too_large", f"{exc} (MODEL_SERVER_SHM_ARENA_BYTES)") from None
         except ArenaFull as exc:
-            raise DispatchError(503, "arena_full", f"shared memory is busy: {exc}", retry_after=1) from None
+            raise ApiError(503, "arena_full", f"shared memory is busy: {exc}", retry_after=1) from None
 
     @staticmethod
     def _drop_spill(name: str) -> None:
@@ -470,7 +452,7 @@ class Dispatcher:
         assert self.sock is not None
         workers = self.candidates(entry)
         if not workers:
-            raise DispatchError(
+            raise ApiError(
                 503,
                 "no_worker",
                 f"no worker is serving {entry.model_id}:{entry.version} right now",
@@ -482,9 +464,7 @@ class Dispatcher:
         slot = self.reserve(
             input_bytes + estimate_output_bytes(entry.schema, rows, output_names, input_bytes)
         )
-        slots = [slot]
-        reply: asyncio.Future[InferReply] = self.loop.create_future()
-        pending = _Pending(reply, -1, slots, self.loop.time() + timeout_s)
+        pending = _Pending(self.loop.create_future(), -1, [slot], self.loop.time() + timeout_s)
         try:
             seq = next(self._seq)
             request = InferRequest(
@@ -505,7 +485,7 @@ class Dispatcher:
         except BaseException:
             self._abandon(pending)
             raise
-        return self._result(await self._await_reply(pending, timeout_s), entry, worker, slots)
+        return self._result(await self._await_reply(pending, timeout_s), entry, worker, pending.slots)
 
     def _abandon(self, pending: _Pending) -> None:
         """The caller leaves before awaiting the reply: free the slots, or quarantine them if sent."""
@@ -522,23 +502,19 @@ class Dispatcher:
 
     async def _await_reply(self, pending: _Pending, timeout_s: float) -> InferReply:
         """Wait for the worker that owns the slots now; they are ours again only if it died."""
-        future = pending.future
-        slots = pending.slots
         try:
-            return await future
+            return await pending.future
         except TimeoutError:
             self.stats["quarantined"] += 1
-            raise DispatchError(
-                504,
-                "deadline_exceeded",
-                f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)",
+            raise ApiError(
+                504, "deadline_exceeded", f"no answer within {timeout_s:g} s (MODEL_SERVER_REQUEST_TIMEOUT_S)"
             ) from None
         except asyncio.CancelledError:
             # Client went away: the reply handler frees the slot when the worker is done.
             self.stats["quarantined"] += 1
             raise
-        except DispatchError:
-            self._free(slots)  # the worker died: the slots are ours again
+        except ApiError:
+            self._free(pending.slots)  # the worker died: the slots are ours again
             raise
 
     # One timer for every deadline rather than one per request: it fires at the earliest
@@ -597,21 +573,19 @@ class Dispatcher:
         process we already lost is not waited for: that fails at once.
         """
         deadline = time.monotonic() + min(timeout_s, RECONNECT_WAIT_S)
-        workers = outgoing.workers
         while True:
             try:
                 return await self._queue(outgoing)
-            except DispatchError:
-                coming = [
-                    w
-                    for w in workers
-                    if not self.connected.get(w)
-                    and w in self.live_pids
-                    and self.lost_pids.get(w) != self.live_pids[w]
-                ]
+            except ApiError:
+                coming = any(self._reconnecting(w) for w in outgoing.workers)
                 if not coming or time.monotonic() + RECONNECT_POLL_S > deadline:
                     raise
             await asyncio.sleep(RECONNECT_POLL_S)
+
+    def _reconnecting(self, worker: int) -> bool:
+        """Not connected, but the coordinator reports a live process for it that we have not lost."""
+        live = self.live_pids.get(worker)
+        return not self.connected.get(worker) and live is not None and self.lost_pids.get(worker) != live
 
     # Sends are queued and made together at the end of the loop iteration: ZeroMQ wakes its
     # I/O thread once for a burst of messages instead of once per message. A request is
@@ -653,10 +627,7 @@ class Dispatcher:
             body.owned = False
             pending.slots.append(body.slot)
         self.inflight[outgoing.seq] = pending
-        per_worker = self.per_worker.get(worker)
-        if per_worker is None:
-            per_worker = self.per_worker[worker] = set()
-        per_worker.add(outgoing.seq)
+        self.per_worker[worker].add(outgoing.seq)
         self.stats["requests"] += 1
         if pending.deadline < self._sweep_at:
             self._arm_sweep(pending.deadline)
@@ -671,13 +642,11 @@ class Dispatcher:
                 sock.send(_routing_id(worker), _SEND_ID)
                 sock.send(payload, _SEND_LAST)
                 return worker
-            except zmq.Again:
-                continue  # its queue is full: try the next one
             except zmq.ZMQError as exc:
-                if exc.errno == zmq.EHOSTUNREACH:
-                    continue  # not connected (yet, or any more)
-                raise
-        raise DispatchError(
+                # Its queue is full (EAGAIN) or it is not connected (yet, or any more): try the next one.
+                if exc.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                    raise
+        raise ApiError(
             503, "no_worker", "every worker holding the model is unreachable or full", retry_after=1
         )
 
@@ -716,16 +685,18 @@ class Dispatcher:
         return outputs
 
 
-def _reply_error(reply: InferReply, entry: ModelEntry) -> DispatchError:
-    model = f"{entry.model_id}:{entry.version}"
-    if reply.status == Status.BAD_INPUT:
-        return DispatchError(422, "invalid_input", reply.error)
-    if reply.status == Status.OUTPUT_REGION:
-        return DispatchError(400, "invalid_output_region", reply.error)
+# A worker's refusal: HTTP status, code and Retry-After; any other status is a failed inference.
+_REPLY_ERRORS: dict[int, tuple[int, str, float | None]] = {
+    Status.BAD_INPUT: (422, "invalid_input", None),
+    Status.OUTPUT_REGION: (400, "invalid_output_region", None),
+    Status.DEADLINE: (504, "deadline_exceeded", None),
+    Status.QUEUE_FULL: (503, "queue_full", 1),
+}
+
+
+def _reply_error(reply: InferReply, entry: ModelEntry) -> ApiError:
     if reply.status == Status.NOT_LOADED:
-        return DispatchError(503, "model_not_loaded", f"{model} is not loaded on the worker", retry_after=1)
-    if reply.status == Status.DEADLINE:
-        return DispatchError(504, "deadline_exceeded", reply.error)
-    if reply.status == Status.QUEUE_FULL:
-        return DispatchError(503, "queue_full", reply.error, retry_after=1)
-    return DispatchError(500, "inference_failed", reply.error)
+        model = f"{entry.model_id}:{entry.version}"
+        return ApiError(503, "model_not_loaded", f"{model} is not loaded on the worker", retry_after=1)
+    status, code, retry_after = _REPLY_ERRORS.get(reply.status, (500, "inference_failed", None))
+    return ApiError(status, code, reply.error, retry_after=retry_after)

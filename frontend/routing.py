@@ -43,8 +43,6 @@ def order_workers(
     ``fill`` n: workers with fewer than n in flight, busiest first (lowest index on ties),
     then the rest, least busy first.
     """
-    if len(workers) <= 1:
-        return list(workers)
     count = len(workers)
 
     def least_busy(item: tuple[int, int]) -> tuple[bool, int, int]:

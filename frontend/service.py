@@ -14,12 +14,20 @@ from typing import Any
 
 import zmq.asyncio
 
-from ipc.messages import ClientReply, ModelConfig, ModelEntry, TensorRef
+from ipc.messages import (
+    ClientEnsure,
+    ClientLoad,
+    ClientReply,
+    ClientUnload,
+    ModelConfig,
+    ModelEntry,
+    TensorRef,
+)
 from model_server import metrics
 from model_server.settings import Settings
 
 from .coordinator_client import CoordinatorClient, Table
-from .dispatcher import BodyLease, CallInput, Dispatcher, DispatchError, InferResult
+from .dispatcher import BodyLease, CallInput, Dispatcher, InferResult
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ class Tracker:
         service.inflight -= 1
         if kind is None:
             status = 200
-        elif isinstance(exc, ApiError):  # DispatchError too: the same class
+        elif isinstance(exc, ApiError):
             status = 400 if (self.protocol == "v2" and exc.status == 422) else exc.status
         else:
             status = 500
@@ -79,7 +87,7 @@ class Service:
         self.dispatcher = Dispatcher(
             self.ctx, settings.run_dir, settings.shm_prefix, settings.shm_arena_bytes, settings.workers
         )
-        self.coordinator.on_table(self.dispatcher.on_table)
+        self.coordinator.on_table = self.dispatcher.on_table
         self.draining = False
         self.inflight = 0
         self.request_metrics = metrics.RequestMetrics(settings.metrics_flush_interval_s)
@@ -148,13 +156,16 @@ class Service:
     ) -> ModelEntry:
         self._check_draining()
         timeout = self.settings.load_timeout_s + 5
-        reply = await self.coordinator.load(model_id, version, registry_uri, config, timeout=timeout)
+        reply = await self.coordinator.request(
+            ClientLoad, model_id, version, registry_uri, config, timeout=timeout
+        )
         entry = _entry_of(reply, "load_failed", {"model_id": model_id, "version": version})
         await self.coordinator.refresh()  # so this process routes to it at once, before the next publish
         return entry
 
     async def unload(self, model_id: str, version: str) -> ModelEntry:
-        reply = await self.coordinator.unload(model_id, version, timeout=self.settings.drain_seconds + 10)
+        timeout = self.settings.drain_seconds + 10
+        reply = await self.coordinator.request(ClientUnload, model_id, version, timeout=timeout)
         entry = _entry_of(reply, "unload_failed", {"model_id": model_id})
         await self.coordinator.refresh()
         return entry
@@ -181,7 +192,7 @@ class Service:
         rest = (inputs, output_names, trace_id, timeout, client_outputs, body)
         try:
             return await self.dispatcher.infer(entry, *rest)
-        except DispatchError as exc:
+        except ApiError as exc:
             if exc.code not in RETRYABLE:
                 raise
         return await self.dispatcher.infer(await self._bring_back(entry), *rest)
@@ -196,9 +207,8 @@ class Service:
         if fresh.workers:
             return fresh
         log.info("model %s:%s is on no worker (evicted): reloading", entry.model_id, entry.version)
-        reply = await self.coordinator.ensure(
-            entry.model_id, entry.version, timeout=self.settings.load_timeout_s
-        )
+        timeout = self.settings.load_timeout_s
+        reply = await self.coordinator.request(ClientEnsure, entry.model_id, entry.version, timeout=timeout)
         return _entry_of(reply, "model_not_ready")
 
 
