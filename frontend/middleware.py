@@ -29,7 +29,8 @@ VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Scope key the server's protocol (frontend.edge) sets once a request's whole body is in its
 # buffer: reading it then cannot wait, so it needs no deadline timer.
 BODY_RECEIVED = "model_server.body_received"
-PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
+HEALTH_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+PROBE_PATHS = HEALTH_PATHS | {"/metrics"}
 
 
 class BodyError(ApiError, HTTPException):
