@@ -36,9 +36,8 @@ def top_k(array: Array, k: int) -> Array:
     values = np.take_along_axis(rows, order, axis=1)
     floating = array.dtype.kind == "f"
     out = np.empty(order.shape, dtype=object)
-    for r in range(order.shape[0]):
-        for c in range(k):
-            value = values[r, c]
-            text = f"{float(value):f}" if floating else str(int(value))
-            out[r, c] = f"{text}:{int(order[r, c])}".encode()
+    for (r, c), index in np.ndenumerate(order):
+        value = values[r, c]
+        text = f"{float(value):f}" if floating else str(int(value))
+        out[r, c] = f"{text}:{index}".encode()
     return out if array.ndim >= 2 else out.reshape(-1)

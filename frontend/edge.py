@@ -113,11 +113,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._refused = True
         message = f"request headers exceed MODEL_SERVER_MAX_HEADER_BYTES={self.max_header_bytes}"
-        body: object = {"error": message}
+        # Written on the transport: no ASGI request exists yet to answer through (nor a request id).
+        error: object = message
         if not getattr(self, "url", b"").startswith(b"/v2"):
             error = {"code": "headers_too_large", "message": message, "request_id": "", "details": {}}
-            body = {"error": error}
-        payload = orjson.dumps(body)
+        payload = orjson.dumps({"error": error})
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-type: application/json\r\n"
@@ -129,7 +129,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # and close when the client does or one more header timeout has passed.
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+        self._arm()
 
 
 def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
