@@ -16,8 +16,6 @@ import numpy.typing as npt
 
 Array = npt.NDArray[Any]
 
-NUMERIC_KINDS = "biuf"
-
 
 class ClassificationError(ValueError):
     """The output cannot be classified (BYTES or BOOL, or empty)."""
@@ -25,7 +23,7 @@ class ClassificationError(ValueError):
 
 def top_k(array: Array, k: int) -> Array:
     """An object array of ``value:index`` bytes, rows by min(k, classes), best first."""
-    if array.dtype.kind not in NUMERIC_KINDS or array.dtype.kind == "b":
+    if array.dtype.kind not in "iuf":
         raise ClassificationError(f"classification needs a numeric output, not {array.dtype}")
     rows = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
     if rows.shape[1] == 0:

@@ -26,7 +26,6 @@ import asyncio
 
 import orjson
 from starlette.types import Receive, Scope, Send
-from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from model_server.settings import Settings
@@ -41,7 +40,6 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     max_header_bytes = 16 * 1024
     limit = 1000
-    overloaded: ASGI3Application
 
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
@@ -84,7 +82,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return
         # uvicorn picks the app for the request in this callback: swap it for the refusal.
         app = self.app
-        self.app = self.overloaded
+        self.app = self._overloaded
         try:
             super().on_headers_complete()
         finally:
@@ -94,6 +92,17 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         # The whole body is buffered: the middleware's body deadline has nothing to wait for.
         self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
+
+    async def _overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            scope["path"],
+            503,
+            "overloaded",
+            f"this frontend has reached MODEL_SERVER_LIMIT_CONCURRENCY={self.limit} connections or requests",
+            retry_after=1,
+        )
+        response.headers["connection"] = "close"  # shed the connection too, not just the request
+        await response(scope, receive, send)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -134,23 +143,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
 def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
     """The httptools protocol class uvicorn's ``Config(http=...)`` takes, bound to ``settings``."""
-    limit = settings.limit_concurrency
-
-    async def overloaded(scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            scope["path"],
-            503,
-            "overloaded",
-            f"this frontend has reached MODEL_SERVER_LIMIT_CONCURRENCY={limit} connections or requests",
-            retry_after=1,
-        )
-        response.headers["connection"] = "close"  # shed the connection too, not just the request
-        await response(scope, receive, send)
-
     attributes = {
         "header_timeout_s": settings.header_timeout_s,
         "max_header_bytes": settings.max_header_bytes,
-        "limit": limit,
-        "overloaded": staticmethod(overloaded),
+        "limit": settings.limit_concurrency,
     }
     return type("BoundEdgeHttpProtocol", (EdgeHttpProtocol,), attributes)
