@@ -48,18 +48,11 @@ class InferenceCall:
 class CallResult:
     """Outputs as views of shared memory, valid until ``release()`` (or the end of ``with``)."""
 
-    entry: ModelEntry
+    model: str
+    version: str
     id: str | None
     outputs: list[ResultTensor]
     _infer: InferResult
-
-    @property
-    def model(self) -> str:
-        return self.entry.model_id
-
-    @property
-    def version(self) -> str:
-        return self.entry.version
 
     def release(self) -> None:
         self.outputs = []
@@ -270,7 +263,7 @@ async def execute(
     except BaseException:
         infer.release()
         raise
-    return CallResult(entry, call.id, infer.outputs, infer)
+    return CallResult(entry.model_id, entry.version, call.id, infer.outputs, infer)
 
 
 def _annotate(tensor: ResultTensor, call: InferenceCall) -> None:
