@@ -127,10 +127,9 @@ class _Exchange:
             limit = self.middleware.max_body_bytes
             if self.seen > limit:
                 raise BodyTooLarge(self.seen, limit)
-            if not message.get("more_body", False):
-                self._body_finished()
-        else:
-            self._body_finished()  # disconnected: nothing more will come
+        if not message.get("more_body", False):  # the last chunk, or a disconnect: nothing more will come
+            self.body_done = True
+            self.cancel_timer()
         return message
 
     async def _receive_by_deadline(self) -> Message:
@@ -162,10 +161,6 @@ class _Exchange:
     def _expire_now(self) -> NoReturn:
         self.cancel_timer()
         raise BodyTimeout(self.seen, self.middleware.body_timeout_s)
-
-    def _body_finished(self) -> None:
-        self.body_done = True
-        self.cancel_timer()
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
