@@ -39,6 +39,12 @@ MIN_TOKEN_LENGTH = 16
 OPEN_PATHS = HEALTH_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 METRICS_PATH = "/metrics"
 SECURITY_SCHEME = "bearerAuth"
+_CHALLENGE = 'Bearer realm="model-server"'  # WWW-Authenticate of a 401
+_ADMIN_DISABLED = (
+    "admin endpoints are off: this server listens on a non-loopback address and has no admin "
+    "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
+    "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access"
+)
 
 
 class AuthScope(enum.Enum):
@@ -184,24 +190,12 @@ class AuthPolicy:
             if scheme.lower() == b"bearer" and token:
                 held = self.known.get(_digest(token))
         if needed is AuthScope.ADMIN and self.admin_disabled and (held is not None or self.inference_open):
-            return (
-                403,
-                "admin_disabled",
-                "admin endpoints are off: this server listens on a non-loopback address and has no admin "
-                "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
-                "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access",
-                "",
-            )
+            return 403, "admin_disabled", _ADMIN_DISABLED, ""
         if held is None and authorization is not None:
-            return (
-                401,
-                "unauthorized",
-                "invalid bearer token",
-                'Bearer realm="model-server", error="invalid_token"',
-            )
+            return 401, "unauthorized", "invalid bearer token", f'{_CHALLENGE}, error="invalid_token"'
         if held is None:
             message = "missing bearer token: send the header `Authorization: Bearer <token>`"
-            return 401, "unauthorized", message, 'Bearer realm="model-server"'
+            return 401, "unauthorized", message, _CHALLENGE
         if needed is AuthScope.ADMIN and held is not AuthScope.ADMIN and not self.admin_needs_inference:
             return 403, "forbidden", "this token does not have the admin scope", ""
         return None
@@ -274,10 +268,9 @@ def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:
                     else {"type": "object"}
                 )
                 content = {"application/json": {"schema": body}}
+                responses = operation.setdefault("responses", {})
                 for status, description in _AUTH_ANSWERS.items():
-                    operation.setdefault("responses", {}).setdefault(
-                        status, {"description": description, "content": content}
-                    )
+                    responses.setdefault(status, {"description": description, "content": content})
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
