@@ -75,7 +75,7 @@ class BodyTimeout(BodyError):
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Activity:
     """HTTP requests in progress in this process (read by the drain on SIGTERM)."""
 
@@ -85,7 +85,7 @@ class Activity:
     draining: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Exchange:
     """One HTTP request's state in the middleware: its ``send`` and ``receive`` wrappers.
 
