@@ -16,6 +16,7 @@ alike; on an open route, or when no token is configured, it costs one dict looku
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import ipaddress
 import re
@@ -29,25 +30,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from model_server.settings import Settings
 
 from .errors import error_response
+from .middleware import HEALTH_PATHS
 
 # RFC 6750's b64token: what a bearer token may contain (no spaces, commas or quotes).
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 MIN_TOKEN_LENGTH = 16
 
-OPEN_PATHS = frozenset(
-    {
-        "/health",
-        "/ready",
-        "/v2/health/live",
-        "/v2/health/ready",
-        "/docs",
-        "/docs/oauth2-redirect",
-        "/redoc",
-        "/openapi.json",
-    }
-)
+OPEN_PATHS = HEALTH_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 METRICS_PATH = "/metrics"
 SECURITY_SCHEME = "bearerAuth"
+_CHALLENGE = 'Bearer realm="model-server"'  # WWW-Authenticate of a 401
+_ADMIN_DISABLED = (
+    "admin endpoints are off: this server listens on a non-loopback address and has no admin "
+    "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
+    "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access"
+)
 
 
 class AuthScope(enum.Enum):
@@ -132,20 +129,22 @@ def _read_token_file(path: Path, setting: str) -> list[str]:
     return tokens
 
 
+def _tokens(settings: Settings, name: str) -> list[str]:
+    """The ``name`` ("admin" or "inference") tokens of the setting, then of the token file, checked."""
+    env = f"MODEL_SERVER_{name.upper()}_TOKENS"
+    tokens = [
+        _check_token(secret.get_secret_value(), f"{env} item {i}")
+        for i, secret in enumerate(getattr(settings, f"{name}_tokens"), 1)
+    ]
+    path: Path | None = getattr(settings, f"{name}_tokens_file")
+    if path is not None:
+        tokens += _read_token_file(path, f"{env}_FILE")
+    return tokens
+
+
 def load_tokens(settings: Settings) -> tuple[list[str], list[str]]:
     """(admin tokens, inference tokens) from the settings and the token files, checked."""
-    found: list[list[str]] = []
-    for name in ("admin", "inference"):
-        env = f"MODEL_SERVER_{name.upper()}_TOKENS"
-        tokens = [
-            _check_token(secret.get_secret_value(), f"{env} item {i}")
-            for i, secret in enumerate(getattr(settings, f"{name}_tokens"), 1)
-        ]
-        path: Path | None = getattr(settings, f"{name}_tokens_file")
-        if path is not None:
-            tokens += _read_token_file(path, f"{env}_FILE")
-        found.append(tokens)
-    admin, inference = found
+    admin, inference = _tokens(settings, "admin"), _tokens(settings, "inference")
     if settings.metrics_require_auth and not inference:
         raise TokenConfigError(
             "MODEL_SERVER_METRICS_REQUIRE_AUTH needs inference tokens "
@@ -166,8 +165,8 @@ class AuthPolicy:
         self.admin_disabled = not admin and not (
             is_loopback(settings.host) or settings.allow_unauthenticated_admin
         )
-        self.admin_open = not admin and not self.admin_disabled and self.inference_open
         self.admin_needs_inference = not admin and not self.admin_disabled
+        self.admin_open = self.admin_needs_inference and self.inference_open
         self.metrics_require_auth = settings.metrics_require_auth
         # Nothing to check at all (loopback, no tokens: `make serve`): the middleware steps aside.
         self.all_open = self.inference_open and self.admin_open
@@ -191,24 +190,12 @@ class AuthPolicy:
             if scheme.lower() == b"bearer" and token:
                 held = self.known.get(_digest(token))
         if needed is AuthScope.ADMIN and self.admin_disabled and (held is not None or self.inference_open):
-            return (
-                403,
-                "admin_disabled",
-                "admin endpoints are off: this server listens on a non-loopback address and has no admin "
-                "tokens; set MODEL_SERVER_ADMIN_TOKENS (or MODEL_SERVER_ADMIN_TOKENS_FILE), or "
-                "MODEL_SERVER_ALLOW_UNAUTHENTICATED_ADMIN=true behind a gateway that checks access",
-                "",
-            )
+            return 403, "admin_disabled", _ADMIN_DISABLED, ""
         if held is None and authorization is not None:
-            return (
-                401,
-                "unauthorized",
-                "invalid bearer token",
-                'Bearer realm="model-server", error="invalid_token"',
-            )
+            return 401, "unauthorized", "invalid bearer token", f'{_CHALLENGE}, error="invalid_token"'
         if held is None:
             message = "missing bearer token: send the header `Authorization: Bearer <token>`"
-            return 401, "unauthorized", message, 'Bearer realm="model-server"'
+            return 401, "unauthorized", message, _CHALLENGE
         if needed is AuthScope.ADMIN and held is not AuthScope.ADMIN and not self.admin_needs_inference:
             return 403, "forbidden", "this token does not have the admin scope", ""
         return None
@@ -223,24 +210,26 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         policy = self.policy
-        if policy.all_open or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        needed = route_scope(scope["method"], path, policy.metrics_require_auth)
-        if policy.is_open(needed):
-            await self.app(scope, receive, send)
-            return
-        given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-        problem = policy.refusal(needed, given)
+        problem = None
+        if not policy.all_open and scope["type"] == "http":
+            needed = route_scope(scope["method"], scope["path"], policy.metrics_require_auth)
+            if not policy.is_open(needed):  # an open route costs no scan of the headers
+                given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+                problem = policy.refusal(needed, given)
         if problem is None:
             await self.app(scope, receive, send)
             return
         status, code, message, challenge = problem
-        response = error_response(path, status, code, message)
+        response = error_response(scope["path"], status, code, message)
         if challenge:
             response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)
+
+
+_AUTH_ANSWERS = {
+    "401": "Missing or invalid bearer token.",
+    "403": "The token lacks the admin scope, or admin is off.",
+}
 
 
 def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:
@@ -251,11 +240,9 @@ def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:
     the empty requirement (the token is optional). Nothing here runs per request.
     """
     build: Callable[[], dict[str, Any]] = app.openapi
-    done: list[dict[str, Any]] = []
 
+    @functools.cache
     def openapi() -> dict[str, Any]:
-        if done:
-            return done[0]
         schema = build()
         components = schema.setdefault("components", {})
         components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
@@ -266,32 +253,24 @@ def install_openapi(app: FastAPI, policy: AuthPolicy) -> None:
         }
         known_schemas = components.get("schemas", {})
         for path, operations in schema.get("paths", {}).items():
+            model = "V2ErrorResponse" if path.startswith("/v2") else "ErrorResponse"
             for method, operation in operations.items():
-                if not isinstance(operation, dict):
-                    continue
                 needed = route_scope(method.upper(), path, policy.metrics_require_auth)
-                if needed is AuthScope.OPEN:
+                if not isinstance(operation, dict) or needed is AuthScope.OPEN:
                     continue
                 security: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]
                 if policy.is_open(needed):
                     security.append({})
                 operation["security"] = security
-                model = "V2ErrorResponse" if path.startswith("/v2") else "ErrorResponse"
-                body: dict[str, Any] = (
+                body = (
                     {"$ref": f"#/components/schemas/{model}"}
                     if model in known_schemas
                     else {"type": "object"}
                 )
                 content = {"application/json": {"schema": body}}
                 responses = operation.setdefault("responses", {})
-                responses.setdefault(
-                    "401", {"description": "Missing or invalid bearer token.", "content": content}
-                )
-                responses.setdefault(
-                    "403",
-                    {"description": "The token lacks the admin scope, or admin is off.", "content": content},
-                )
-        done.append(schema)
+                for status, description in _AUTH_ANSWERS.items():
+                    responses.setdefault(status, {"description": description, "content": content})
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

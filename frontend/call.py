@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import numpy.typing as npt
 
 from ipc import datatypes
 from ipc.messages import ModelEntry, ModelSchema, TensorRef, TensorSpec
@@ -30,8 +29,6 @@ from .errors import ApiError
 from .limits import check_inputs, check_rows, too_large
 from .service import Service, Tracker
 from .tensors import check_shape, from_raw_json, invalid
-
-Array = npt.NDArray[Any]
 
 
 @dataclass(slots=True)
@@ -51,18 +48,11 @@ class InferenceCall:
 class CallResult:
     """Outputs as views of shared memory, valid until ``release()`` (or the end of ``with``)."""
 
-    entry: ModelEntry
+    model: str
+    version: str
     id: str | None
     outputs: list[ResultTensor]
     _infer: InferResult
-
-    @property
-    def model(self) -> str:
-        return self.entry.model_id
-
-    @property
-    def version(self) -> str:
-        return self.entry.version
 
     def release(self) -> None:
         self.outputs = []
@@ -138,9 +128,7 @@ def check_inputs_against(call: InferenceCall, schema: ModelSchema, settings: Set
         if tensor.name in seen:
             raise bad(f"input '{tensor.name}' appears twice")
         seen.add(tensor.name)
-        spec = specs.get(tensor.name)
-        _check_spec(tensor, spec)
-        assert spec is not None
+        spec = _check_spec(tensor, specs.get(tensor.name))
         if tensor.shape and spec.shape and spec.shape[0] < 0:
             check_rows(settings, tensor.shape[0], f"input '{tensor.name}'")
         _check_size(tensor)
@@ -155,7 +143,8 @@ def check_inputs_against(call: InferenceCall, schema: ModelSchema, settings: Set
         )
 
 
-def _check_spec(tensor: CallInput, spec: TensorSpec | None) -> None:
+def _check_spec(tensor: CallInput, spec: TensorSpec | None) -> TensorSpec:
+    """The model's spec of ``tensor``, which its datatype and shape fit."""
     where = f"input '{tensor.name}'"
     if spec is None:
         raise invalid(f"unexpected inference input '{tensor.name}' for the model")
@@ -168,6 +157,7 @@ def _check_spec(tensor: CallInput, spec: TensorSpec | None) -> None:
     if any(d < 0 for d in tensor.shape):
         raise bad(f"{where}: shape {tensor.shape} has a negative dimension")
     check_shape(spec, tensor.shape, where)
+    return spec
 
 
 def _check_size(tensor: CallInput) -> None:
@@ -273,7 +263,7 @@ async def execute(
     except BaseException:
         infer.release()
         raise
-    return CallResult(entry, call.id, infer.outputs, infer)
+    return CallResult(entry.model_id, entry.version, call.id, infer.outputs, infer)
 
 
 def _annotate(tensor: ResultTensor, call: InferenceCall) -> None:

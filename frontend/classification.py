@@ -16,8 +16,6 @@ import numpy.typing as npt
 
 Array = npt.NDArray[Any]
 
-NUMERIC_KINDS = "biuf"
-
 
 class ClassificationError(ValueError):
     """The output cannot be classified (BYTES or BOOL, or empty)."""
@@ -25,7 +23,7 @@ class ClassificationError(ValueError):
 
 def top_k(array: Array, k: int) -> Array:
     """An object array of ``value:index`` bytes, rows by min(k, classes), best first."""
-    if array.dtype.kind not in NUMERIC_KINDS or array.dtype.kind == "b":
+    if array.dtype.kind not in "iuf":
         raise ClassificationError(f"classification needs a numeric output, not {array.dtype}")
     rows = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
     if rows.shape[1] == 0:
@@ -36,9 +34,8 @@ def top_k(array: Array, k: int) -> Array:
     values = np.take_along_axis(rows, order, axis=1)
     floating = array.dtype.kind == "f"
     out = np.empty(order.shape, dtype=object)
-    for r in range(order.shape[0]):
-        for c in range(k):
-            value = values[r, c]
-            text = f"{float(value):f}" if floating else str(int(value))
-            out[r, c] = f"{text}:{int(order[r, c])}".encode()
+    for (r, c), index in np.ndenumerate(order):
+        value = values[r, c]
+        text = f"{float(value):f}" if floating else str(int(value))
+        out[r, c] = f"{text}:{index}".encode()
     return out if array.ndim >= 2 else out.reshape(-1)

@@ -74,8 +74,7 @@ def compress_response(response: Response, accept_encoding: str | None) -> Respon
     encoding = response_encoding(accept_encoding)
     if encoding is None:
         return response
-    deflater = zlib.compressobj(LEVEL, zlib.DEFLATED, _wbits(encoding))
-    body = deflater.compress(response.body) + deflater.flush()
+    body = zlib.compress(response.body, LEVEL, _wbits(encoding))
     response.body = body
     response.raw_headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"] + [
         (b"content-length", str(len(body)).encode()),

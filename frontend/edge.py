@@ -26,7 +26,6 @@ import asyncio
 
 import orjson
 from starlette.types import Receive, Scope, Send
-from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from model_server.settings import Settings
@@ -41,7 +40,6 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     max_header_bytes = 16 * 1024
     limit = 1000
-    overloaded: ASGI3Application
 
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
@@ -84,7 +82,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return
         # uvicorn picks the app for the request in this callback: swap it for the refusal.
         app = self.app
-        self.app = self.overloaded
+        self.app = self._overloaded
         try:
             super().on_headers_complete()
         finally:
@@ -94,6 +92,17 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         # The whole body is buffered: the middleware's body deadline has nothing to wait for.
         self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
+
+    async def _overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            scope["path"],
+            503,
+            "overloaded",
+            f"this frontend has reached MODEL_SERVER_LIMIT_CONCURRENCY={self.limit} connections or requests",
+            retry_after=1,
+        )
+        response.headers["connection"] = "close"  # shed the connection too, not just the request
+        await response(scope, receive, send)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -113,11 +122,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._refused = True
         message = f"request headers exceed MODEL_SERVER_MAX_HEADER_BYTES={self.max_header_bytes}"
-        body: object = {"error": message}
+        # Written on the transport: no ASGI request exists yet to answer through (nor a request id).
+        error: object = message
         if not getattr(self, "url", b"").startswith(b"/v2"):
             error = {"code": "headers_too_large", "message": message, "request_id": "", "details": {}}
-            body = {"error": error}
-        payload = orjson.dumps(body)
+        payload = orjson.dumps({"error": error})
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-type: application/json\r\n"
@@ -129,28 +138,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # and close when the client does or one more header timeout has passed.
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+        self._arm()
 
 
 def protocol_class(settings: Settings) -> type[HttpToolsProtocol]:
     """The httptools protocol class uvicorn's ``Config(http=...)`` takes, bound to ``settings``."""
-    limit = settings.limit_concurrency
-
-    async def overloaded(scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            scope["path"],
-            503,
-            "overloaded",
-            f"this frontend has reached MODEL_SERVER_LIMIT_CONCURRENCY={limit} connections or requests",
-            retry_after=1,
-        )
-        response.headers["connection"] = "close"  # shed the connection too, not just the request
-        await response(scope, receive, send)
-
     attributes = {
         "header_timeout_s": settings.header_timeout_s,
         "max_header_bytes": settings.max_header_bytes,
-        "limit": limit,
-        "overloaded": staticmethod(overloaded),
+        "limit": settings.limit_concurrency,
     }
     return type("BoundEdgeHttpProtocol", (EdgeHttpProtocol,), attributes)

@@ -61,8 +61,7 @@ class InferenceFastPath:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
         try:
             if match is None:
-                plain = _plain_json(service, headers)
-                body = await _read_body(receive, service.settings if plain else None)
+                body = await _read_body(receive, _json_limit(service, headers))
                 response = await infer_v1(service, headers, body)
             else:
                 version = match["version"]
@@ -77,7 +76,7 @@ class InferenceFastPath:
     async def _v2(
         self, service: Service, headers: dict[str, str], receive: Receive, model: str, version: str | None
     ) -> Response:
-        plain = HEADER_LENGTH not in headers and _plain_json(service, headers)
+        json_limit = None if HEADER_LENGTH in headers else _json_limit(service, headers)
         sizes = _binary_sizes(service, headers)
         lease: BodyLease | None = None
         try:
@@ -86,7 +85,7 @@ class InferenceFastPath:
                 await service.entry(model, version)
                 lease = self._lease_for(service, *sizes)
             if lease is None:
-                body: bytes | memoryview = await _read_body(receive, service.settings if plain else None)
+                body: bytes | memoryview = await _read_body(receive, json_limit)
             else:
                 self.pending_body_bytes += lease.slot.size
                 try:
@@ -133,18 +132,18 @@ def _binary_sizes(service: Service, headers: dict[str, str]) -> tuple[int, int] 
     return size, header_size
 
 
-def _plain_json(service: Service, headers: dict[str, str]) -> bool:
-    """Whether a JSON body is not compressed (its size is then bounded while it is read), after
-    a 413 for one announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES, before it is read.
+def _json_limit(service: Service, headers: dict[str, str]) -> Settings | None:
+    """The settings that bound a JSON body while it is read if it is not compressed, after a 413
+    for one announced over MODEL_SERVER_MAX_JSON_REQUEST_BYTES, before it is read.
 
-    Compressed bodies are checked by the handler once inflated.
+    None for a compressed body: the handler checks it once inflated.
     """
     if headers.get("content-encoding", "identity").lower() != "identity":
-        return False
+        return None
     length = headers.get("content-length")
     if length is not None and length.isdigit():
         check_json_size(service.settings, int(length))
-    return True
+    return service.settings
 
 
 async def _stream_into(arena: Arena, lease: BodyLease, receive: Receive) -> memoryview:

@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from starlette.exceptions import HTTPException
@@ -19,7 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_server.logs import request_id_var
 
-from .errors import ApiError, error_response, send_response
+from .errors import ApiError, render, send_response
+from .limits import too_large
 
 log = logging.getLogger("model_server.access")
 
@@ -27,7 +29,8 @@ VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Scope key the server's protocol (frontend.edge) sets once a request's whole body is in its
 # buffer: reading it then cannot wait, so it needs no deadline timer.
 BODY_RECEIVED = "model_server.body_received"
-PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"})
+HEALTH_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+PROBE_PATHS = HEALTH_PATHS | {"/metrics"}
 
 
 class BodyError(ApiError, HTTPException):
@@ -49,13 +52,10 @@ class BodyTooLarge(BodyError):
     """A body (chunked, or longer than announced) grew past the limit while being read."""
 
     def __init__(self, seen: int, limit: int) -> None:
-        super().__init__(
-            413,
-            "payload_too_large",
-            f"request body of more than {limit} bytes ({seen} read) exceeds "
-            f"MODEL_SERVER_MAX_REQUEST_BYTES={limit}",
-            {"limit": limit},
+        error = too_large(
+            f"request body of more than {limit} bytes ({seen} read)", "MAX_REQUEST_BYTES", limit
         )
+        super().__init__(error.status, error.code, error.message, error.details)
 
 
 class BodyTimeout(BodyError):
@@ -75,16 +75,17 @@ class BodyTimeout(BodyError):
         )
 
 
+@dataclass(slots=True, eq=False)
 class Activity:
     """HTTP requests in progress in this process (read by the drain on SIGTERM)."""
 
-    def __init__(self) -> None:
-        self.active = 0
-        # Set at the start of a drain: every response then closes its connection, so a client
-        # never sends its next request on a keep-alive connection the server is about to drop.
-        self.draining = False
+    active: int = 0
+    # Set at the start of a drain: every response then closes its connection, so a client
+    # never sends its next request on a keep-alive connection the server is about to drop.
+    draining: bool = False
 
 
+@dataclass(slots=True, eq=False)
 class _Exchange:
     """One HTTP request's state in the middleware: its ``send`` and ``receive`` wrappers.
 
@@ -92,45 +93,26 @@ class _Exchange:
     request, and the body deadline is one timer handle armed only while a body is awaited.
     """
 
-    __slots__ = (
-        "_receive",
-        "_send",
-        "body_done",
-        "deadline",
-        "header",
-        "middleware",
-        "scope",
-        "seen",
-        "status",
-        "timed_out",
-        "timer",
-        "waiter",
-    )
-
-    def __init__(
-        self, middleware: RequestContextMiddleware, scope: Scope, receive: Receive, send: Send, header: Any
-    ) -> None:
-        self.middleware = middleware
-        self.scope = scope
-        self._receive = receive
-        self._send = send
-        self.header = header
-        self.status = 0
-        self.seen = 0
-        self.body_done = middleware.body_timeout_s is None  # no deadline: nothing to watch
-        self.deadline = 0.0
-        self.timed_out = False  # the rest of the body will never be read: the connection goes
-        self.timer: asyncio.TimerHandle | None = None
-        self.waiter: asyncio.Task[Any] | None = None
+    middleware: RequestContextMiddleware
+    scope: Scope
+    _receive: Receive
+    _send: Send
+    header: tuple[bytes, bytes]
+    deadline: float = 0.0
+    status: int = 0
+    seen: int = 0
+    body_done: bool = False
+    timed_out: bool = False  # the rest of the body will never be read: the connection goes
+    timer: asyncio.TimerHandle | None = None
+    waiter: asyncio.Task[Any] | None = None
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            headers = [*message.get("headers", ()), self.header]
             if self.middleware.activity.draining or self.timed_out:
-                extra = [self.header, (b"connection", b"close")]
-            else:
-                extra = [self.header]
-            message["headers"] = [*message.get("headers", ()), *extra]
+                headers.append((b"connection", b"close"))
+            message["headers"] = headers
         await self._send(message)
 
     async def receive(self) -> Message:
@@ -145,10 +127,9 @@ class _Exchange:
             limit = self.middleware.max_body_bytes
             if self.seen > limit:
                 raise BodyTooLarge(self.seen, limit)
-            if not message.get("more_body", False):
-                self._body_finished()
-        else:
-            self._body_finished()  # disconnected: nothing more will come
+        if not message.get("more_body", False):  # the last chunk, or a disconnect: nothing more will come
+            self.body_done = True
+            self.cancel_timer()
         return message
 
     async def _receive_by_deadline(self) -> Message:
@@ -179,13 +160,7 @@ class _Exchange:
 
     def _expire_now(self) -> NoReturn:
         self.cancel_timer()
-        timeout_s = self.middleware.body_timeout_s
-        assert timeout_s is not None
-        raise BodyTimeout(self.seen, timeout_s)
-
-    def _body_finished(self) -> None:
-        self.body_done = True
-        self.cancel_timer()
+        raise BodyTimeout(self.seen, self.middleware.body_timeout_s)
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -198,9 +173,9 @@ class RequestContextMiddleware:
         self,
         app: ASGIApp,
         max_body_bytes: int,
+        body_timeout_s: float,
         access_log: bool = True,
         activity: Activity | None = None,
-        body_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.activity = activity or Activity()
@@ -251,8 +226,7 @@ class RequestContextMiddleware:
         if length > self.max_body_bytes:
             await self._too_large(scope, exchange.send, length)
             return
-        if self.body_timeout_s is not None:
-            exchange.deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        exchange.deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except BodyTooLarge:
@@ -268,6 +242,5 @@ class RequestContextMiddleware:
             log.log(level, "%s %s %d %.2fms", scope["method"], path, status or 500, elapsed_ms)
 
     async def _too_large(self, scope: Scope, send: Send, size: int) -> None:
-        message = f"request body of {size} bytes exceeds MODEL_SERVER_MAX_REQUEST_BYTES={self.max_body_bytes}"
-        details = {"limit": self.max_body_bytes}
-        await send_response(send, error_response(scope["path"], 413, "payload_too_large", message, details))
+        error = too_large(f"request body of {size} bytes", "MAX_REQUEST_BYTES", self.max_body_bytes)
+        await send_response(send, render(scope["path"], error))

@@ -72,8 +72,7 @@ class DrainingServer(uvicorn.Server):
                 "draining: refusing new requests, waiting up to %.0f s for running ones", self.drain_seconds
             )
         active = self.app.state.activity.active
-        waited = time.monotonic() - self.drain_started
-        if active == 0 or waited >= self.drain_seconds:
+        if active == 0 or time.monotonic() - self.drain_started >= self.drain_seconds:
             if active:
                 log.warning("drain time is up with %d request(s) still running", active)
             return True
@@ -110,6 +109,5 @@ def main() -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s (MODEL_SERVER_HOST/PORT)", settings.host, settings.port, exc)
         return exitcodes.BOOT_ERROR
-    server = build_server(settings)
-    server.run(sockets=[sock])
+    build_server(settings).run(sockets=[sock])
     return exitcodes.OK

@@ -78,10 +78,9 @@ def collect() -> dict[Key, ModelStats]:
                 continue
             stats = found[(labels["model"], labels["version"])]
             suffix = sample.name.removeprefix(family.name)  # "_count", "_sum", "_bucket" or ""
+            phase = _PHASES.get(family.name, "")
             if family.name == "model_server_request_duration_seconds":
                 phase = labels.get("outcome", "")
-            else:
-                phase = _PHASES.get(family.name, "")
             if phase and suffix == "_count":
                 stats.counts[phase] += sample.value
             elif phase and suffix == "_sum":
