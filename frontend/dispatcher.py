@@ -78,10 +78,6 @@ def _routing_id(worker: int) -> bytes:
     return endpoints.worker_routing_id(worker)
 
 
-# The frontend's one error type (frontend/errors.py) under its older name, which tests still use.
-DispatchError = ApiError
-
-
 @dataclass(slots=True)
 class RegionRef:
     """A place in a client's registered shared-memory region (system shared memory extension)."""

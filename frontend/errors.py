@@ -1,4 +1,4 @@
-"""The one error type of the frontend (``ApiError``; ``DispatchError`` is this class), and
+"""The one error type of the frontend (``ApiError``), and
 its rendering per protocol: ``/v2`` as Triton, MLServer and KServe answer, the other paths
 in the seed's shape, gRPC through ``describe`` (``frontend.grpc_server`` maps the status).
 It imports no other frontend module but the coordinator client's, so every one can import it.

@@ -11,7 +11,6 @@ from fastapi.routing import iter_route_contexts
 from frontend.app import create_app
 from frontend.call import InferenceCall
 from frontend.coordinator_client import CoordinatorUnavailable
-from frontend.dispatcher import DispatchError
 from frontend.errors import ApiError, describe, render
 from frontend.tensors import from_json, from_raw_json
 from frontend.v2_codec import decode
@@ -19,7 +18,6 @@ from model_server.settings import Settings
 
 
 def test_one_error_type_and_describe_for_other_protocols() -> None:
-    assert DispatchError is ApiError
     error = ApiError(409, "model_unloading", "model m:1 is being unloaded", {"state": "unloading"})
     assert describe(error) is error
     lost = describe(CoordinatorUnavailable("coordinator did not answer within 5 s"))

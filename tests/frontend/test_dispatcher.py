@@ -27,9 +27,9 @@ from frontend.dispatcher import (
     UNKNOWN_OUTPUT_BYTES,
     CallInput,
     Dispatcher,
-    DispatchError,
     estimate_output_bytes,
 )
+from frontend.errors import ApiError
 from ipc import endpoints
 from ipc.arena import SHM_DIR, SegmentCache, SpillWriter, sweep
 from ipc.messages import (
@@ -196,7 +196,7 @@ async def _started_dispatcher(h: Harness) -> tuple[zmq.asyncio.Context, Dispatch
     while True:
         try:
             await dispatcher.infer(probe, [], [], "probe", 5)
-        except DispatchError as exc:
+        except ApiError as exc:
             if exc.code == "model_not_loaded":  # the worker answered
                 break
             assert exc.code == "no_worker", exc.message  # not connected yet
@@ -300,7 +300,7 @@ def test_worker_gone_mid_request_fails_fast_and_frees_the_slot(
     entry = harness.load("slow", model_files["slow"])
     x = np.ones((192, 1024), dtype=np.float32)  # about a second or more of one CPU thread
 
-    async def scenario() -> tuple[DispatchError, float, int]:
+    async def scenario() -> tuple[ApiError, float, int]:
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
             task = asyncio.create_task(
@@ -315,7 +315,7 @@ def test_worker_gone_mid_request_fails_fast_and_frees_the_slot(
             assert len(dispatcher.inflight) == 1
             closed_at = time.monotonic()
             harness.worker.stop_io.set()  # the worker's socket goes away, as when its process dies
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await asyncio.wait_for(task, 10)
             elapsed = time.monotonic() - closed_at
             # Failed by the disconnect, not by a reply: the inference is still running.
@@ -342,10 +342,10 @@ def test_no_worker_holding_the_model_is_503(harness: Harness, model_files: dict[
     nobody = ModelEntry(model_id="linear", version="1", state="ready", workers=[], schema=entry.schema)
     x = np.zeros((1, 3), dtype=np.float32)
 
-    async def scenario() -> tuple[DispatchError, int]:
+    async def scenario() -> tuple[ApiError, int]:
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await dispatcher.infer(nobody, [CallInput("x", "FP32", [1, 3], array=x)], [], "t", 5)
             return info.value, dispatcher.arena.allocator.used_bytes
         finally:
@@ -361,14 +361,14 @@ def test_worker_known_gone_is_503_at_once(harness: Harness, model_files: dict[st
     entry = harness.load("linear", model_files["linear"])
     x = np.zeros((1, 3), dtype=np.float32)
 
-    async def scenario() -> tuple[DispatchError, float, int]:
+    async def scenario() -> tuple[ApiError, float, int]:
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
             harness.worker.stop_io.set()
             assert harness.worker.socket_closed.wait(5)
             await asyncio.sleep(0.2)  # the disconnection reaches the dispatcher's socket
             started = time.monotonic()
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await dispatcher.infer(entry, [CallInput("x", "FP32", [1, 3], array=x)], [], "t", 1.0)
             return info.value, time.monotonic() - started, dispatcher.arena.allocator.used_bytes
         finally:
@@ -384,10 +384,10 @@ def test_too_large_for_the_arena_is_413(harness: Harness, model_files: dict[str,
     entry = harness.load("linear", model_files["linear"])
     big = np.zeros((1_000_000, 3), dtype=np.float32)  # 12 MB in an 8 MiB arena
 
-    async def scenario() -> DispatchError:
+    async def scenario() -> ApiError:
         ctx, dispatcher = await _started_dispatcher(harness)
         try:
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await dispatcher.infer(entry, [CallInput("x", "FP32", [1_000_000, 3], array=big)], [], "t", 5)
             assert dispatcher.arena.allocator.used_bytes == 0
             return info.value
@@ -403,20 +403,20 @@ def test_worker_errors_map_to_http_statuses(harness: Harness, model_files: dict[
     entry = harness.load("linear", model_files["linear"])
     x = np.zeros((2, 3), dtype=np.float32)
 
-    async def scenario() -> list[DispatchError]:
+    async def scenario() -> list[ApiError]:
         ctx, dispatcher = await _started_dispatcher(harness)
         errors = []
         try:
             # Wrong trailing dimension: onnxruntime refuses it (422).
             bad = np.zeros((2, 4), dtype=np.float32)
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await dispatcher.infer(entry, [CallInput("x", "FP32", [2, 4], array=bad)], [], "t", 5)
             errors.append(info.value)
             # The worker holds no session for this version (503, retry).
             other = ModelEntry(
                 model_id="linear", version="2", state="ready", workers=[0], schema=entry.schema
             )
-            with pytest.raises(DispatchError) as info:
+            with pytest.raises(ApiError) as info:
                 await dispatcher.infer(other, [CallInput("x", "FP32", [2, 3], array=x)], [], "t", 5)
             errors.append(info.value)
             assert dispatcher.arena.allocator.used_bytes == 0

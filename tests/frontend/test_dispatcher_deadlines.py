@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from frontend.dispatcher import CallInput, DispatchError
+from frontend.dispatcher import CallInput
+from frontend.errors import ApiError
 from tests import models
 from tests.models import ort_run
 from workers.serving import Engine
@@ -57,7 +58,7 @@ def test_a_shorter_deadline_fires_first_and_its_slot_waits_for_the_late_reply(
                 dispatcher.infer(entry, [CallInput("x", "FP32", [5, 3], array=x)], [], "long", 60)
             )
             await asyncio.sleep(0)  # sent first: the deadline timer is armed for 60 s
-            with pytest.raises(DispatchError) as short:
+            with pytest.raises(ApiError) as short:
                 await dispatcher.infer(entry, [CallInput("x", "FP32", [5, 3], array=x)], [], "short", 0.05)
             assert short.value.status == 504
             long_pending = not long.done()

@@ -11,7 +11,6 @@ import pytest
 
 from frontend.auth import AuthMiddleware, AuthPolicy, AuthScope
 from frontend.coordinator_client import CoordinatorUnavailable
-from frontend.dispatcher import DispatchError
 from frontend.errors import ApiError, describe
 from frontend.grpc import grpc_service_pb2 as pb
 from frontend.grpc_codec import (
@@ -69,7 +68,7 @@ def test_http_status_to_grpc_code(status: int, code: grpc.StatusCode) -> None:
 def test_describe_maps_the_errors_the_api_raises_and_nothing_else() -> None:
     api = ApiError(404, "model_not_found", "model x is not loaded")
     assert describe(api) is api
-    dispatch = describe(DispatchError(503, "no_worker", "no worker holds the model", retry_after=1))
+    dispatch = describe(ApiError(503, "no_worker", "no worker holds the model", retry_after=1))
     assert dispatch is not None and (dispatch.status, dispatch.message) == (503, "no worker holds the model")
     lost = describe(CoordinatorUnavailable("coordinator did not answer"))
     assert lost is not None and lost.status == 503 and lost.retry_after == 1
