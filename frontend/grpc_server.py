@@ -166,8 +166,13 @@ class GrpcFrontend:
 
     # --- the handlers -------------------------------------------------------------------------
     def _handlers(self) -> Any:
+        # Unary methods are registered client-streaming (the wire is the same: one message, then the
+        # client half-closes) so that the handler runs when the headers arrive and can bound the
+        # message's arrival as REST bounds a body: gRPC calls a unary handler only once the whole
+        # message is in, which a client could put off for ever while holding one of the
+        # MODEL_SERVER_GRPC_MAX_CONCURRENT_RPCS.
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(
+            name: grpc.stream_unary_rpc_method_handler(
                 self._guarded(name, getattr(self.rpc, name)),
                 request_deserializer=request.FromString,
                 response_serializer=response.SerializeToString,
@@ -196,9 +201,23 @@ class GrpcFrontend:
         if refused is not None:
             await context.abort(grpc_status(refused[0]), refused[1])
 
+    async def _one_message(self, context: Any) -> Any:
+        """The call's request message, received within MODEL_SERVER_BODY_TIMEOUT_S of its headers."""
+        limit = self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                request = await context.read()
+        except TimeoutError:
+            message = f"request message not received within {limit:g} s (MODEL_SERVER_BODY_TIMEOUT_S)"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a unary call needs one request message")
+        return request
+
     def _guarded(self, name: str, method: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
-        async def handle(request: Any, context: Any) -> Any:
-            await self._enter(name, context)
+        async def handle(requests: Any, context: Any) -> Any:
+            await self._enter(name, context)  # refused before waiting for the message, as REST
+            request = await self._one_message(context)
             self.activity.active += 1
             try:
                 return await method(request, context.time_remaining())

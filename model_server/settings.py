@@ -295,7 +295,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="Time a whole request body may take to arrive after its headers (408 and the "
-        "connection closed above); whatever it reserved is freed.",
+        "connection closed above); whatever it reserved is freed. On the gRPC port, the time a unary "
+        "call's request message may take after its headers (DEADLINE_EXCEEDED above).",
     )
     header_timeout_s: float = Field(
         10.0,
