@@ -33,25 +33,22 @@ Array = npt.NDArray[Any]
 JSON_OUTPUTS_KEY = "json_outputs"
 
 
-def check_bounds(settings: Settings, inputs: Any, schema: ModelSchema) -> None:
-    """Rows and inputs bounded before the values are converted (records are copied column by column)."""
+def to_tensors(settings: Settings, inputs: Any, schema: ModelSchema) -> tuple[dict[str, Array], int]:
+    """The model's inputs from records or named tensors, and the number of rows.
+
+    Rows and inputs are bounded before the values are converted (records are copied column by column).
+    """
     if isinstance(inputs, list):
         check_rows(settings, len(inputs), "inputs")
         if inputs and isinstance(inputs[0], dict):
             check_inputs(settings, len(inputs[0]), "features in inputs[0]")
-    elif isinstance(inputs, dict):
+        return records_to_tensors(inputs, schema), len(inputs)
+    if isinstance(inputs, dict):
         check_inputs(settings, len(inputs), "named input tensors")
         for spec in schema.inputs:
             value = inputs.get(spec.name)
             if spec.shape and spec.shape[0] < 0 and isinstance(value, list):
                 check_rows(settings, len(value), f"input {spec.name!r}")
-
-
-def to_tensors(inputs: Any, schema: ModelSchema) -> tuple[dict[str, Array], int]:
-    """The model's inputs from records or named tensors, and the number of rows."""
-    if isinstance(inputs, list):
-        return records_to_tensors(inputs, schema), len(inputs)
-    if isinstance(inputs, dict):
         arrays = named_to_tensors(inputs, schema)
         first = next(iter(arrays.values()))
         return arrays, first.shape[0] if first.ndim else 1
@@ -78,12 +75,10 @@ def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Arr
         if not isinstance(record, dict):
             raise invalid(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
     inputs = schema.inputs
-    names = {spec.name for spec in inputs}
-    keys = set(records[0])
-    per_feature = keys == names or (len(inputs) > 1 and not schema.feature_names)
-    if per_feature or not (len(inputs) == 1 and len(inputs[0].shape) == 2):
-        return _per_feature(records, inputs)
-    return _matrix(records, inputs[0], schema)
+    # Records fill one [N, F] input (columns in feature_names order) unless they name it.
+    if len(inputs) == 1 and len(inputs[0].shape) == 2 and set(records[0]) != {inputs[0].name}:
+        return _matrix(records, inputs[0], schema)
+    return _per_feature(records, inputs)
 
 
 def _row_keys_check(records: list[dict[str, Any]], expected: list[str]) -> None:
@@ -107,15 +102,13 @@ def _row_keys_check(records: list[dict[str, Any]], expected: list[str]) -> None:
 def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dict[str, Array]:
     _row_keys_check(records, [spec.name for spec in inputs])
     tensors: dict[str, Array] = {}
-    n = len(records)
     for spec in inputs:
         column = [record[spec.name] for record in records]
         arr = from_json(column, spec.datatype, f"feature {spec.name!r}", lenient=True)
-        shape = (n, *arr.shape[1:])
-        if len(spec.shape) == 2 and arr.ndim == 1 and spec.shape[1] in (1, -1):
-            arr = arr.reshape(n, 1)
-        elif len(spec.shape) == len(shape) + 1 and spec.shape[-1] == 1:
-            arr = arr.reshape(*shape, 1)
+        # A value per row fills an [N, 1] (or [N, -1]) input; any trailing dimension of 1 likewise.
+        trailing = (1, -1) if arr.ndim == 1 else (1,)
+        if len(spec.shape) == arr.ndim + 1 and spec.shape[-1] in trailing:
+            arr = arr.reshape(*arr.shape, 1)
         check_shape(spec, list(arr.shape), f"feature {spec.name!r}")
         tensors[spec.name] = arr
     return tensors
@@ -173,8 +166,9 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
 _text = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])
 
 
-def _object_rows(arr: Array) -> Any:
-    return _text(arr).tolist() if arr.size else arr.tolist()
+def _lists(arr: Array) -> Any:
+    """An output as nested lists, BYTES as text."""
+    return _text(arr).tolist() if arr.dtype == object and arr.size else arr.tolist()
 
 
 def tensors_to_records(
@@ -187,16 +181,11 @@ def tensors_to_records(
     records: list[dict[str, Any]] = [{} for _ in range(rows)]
     whole: dict[str, Any] = {}
     for name, out in outputs:
-        arr = out.reshape(rows) if out.ndim == 2 and out.shape[0] == rows and out.shape[1] == 1 else out
-        if arr.ndim >= 1 and arr.shape[0] == rows:
-            if name in json_outputs:
-                values: list[Any] = [orjson.loads(v) for v in arr.reshape(rows)]
-            elif arr.dtype == object:
-                values = _object_rows(arr)
-            else:
-                values = arr.tolist()
-            for record, value in zip(records, values, strict=True):
-                record[name] = value
-        else:
-            whole[name] = _object_rows(arr) if arr.dtype == object else arr.tolist()
+        arr = out.reshape(rows) if out.shape == (rows, 1) else out
+        if arr.ndim == 0 or arr.shape[0] != rows:
+            whole[name] = _lists(arr)
+            continue
+        values = [orjson.loads(v) for v in arr.reshape(rows)] if name in json_outputs else _lists(arr)
+        for record, value in zip(records, values, strict=True):
+            record[name] = value
     return records, whole

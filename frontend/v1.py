@@ -20,7 +20,7 @@ from . import responses, rest
 from .call import InferenceCall, execute
 from .dispatcher import CallInput, CallOutput
 from .errors import ApiError
-from .records import check_bounds, tensors_to_records, to_tensors
+from .records import tensors_to_records, to_tensors
 from .rest import inference_body, json_response, service_of, tensor_specs
 from .schemas import (
     HealthResponse,
@@ -205,8 +205,7 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
         entry = await service.entry(envelope.model_id, version)
         tracker.model, tracker.version = entry.model_id, entry.version  # bad inputs are counted per model
         assert entry.schema is not None
-        check_bounds(service.settings, envelope.inputs, entry.schema)
-        arrays, rows = to_tensors(envelope.inputs, entry.schema)
+        arrays, rows = to_tensors(service.settings, envelope.inputs, entry.schema)
         call = InferenceCall(
             envelope.model_id,
             version,

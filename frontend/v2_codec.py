@@ -187,13 +187,10 @@ def _output_entry(tensor: ResultTensor, binary_default: bool, binary: list[memor
             "shared_memory_byte_size": tensor.nbytes,
             "shared_memory_offset": spec.region.offset,
         }
-    elif wants_binary and (tensor.classes is not None or tensor.data is not None):
-        data = (
-            memoryview(datatypes.serialize_bytes(tensor.classes))
-            if tensor.classes is not None
-            else tensor.data
-        )
-        assert data is not None
+    elif wants_binary:
+        classes = tensor.classes
+        data = tensor.data if classes is None else memoryview(datatypes.serialize_bytes(classes))
+        assert data is not None  # None only for an output written into the client's region
         entry["parameters"] = {"binary_data_size": len(data)}
         binary.append(data)
     else:
