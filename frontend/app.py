@@ -36,6 +36,8 @@ coordinator owns the model table. Errors share one shape:
 `{"error": {"code", "message", "request_id", "details"}}` (`/v2`: `{"error": "..."}`).
 """
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -115,9 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
         response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)

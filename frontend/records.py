@@ -60,23 +60,21 @@ def _zero_rows(spec: TensorSpec, trailing_unknown: int = 1) -> Array:
     if not spec.shape or spec.shape[0] >= 0:
         raise invalid(f"input {spec.name!r} has no variable batch dimension: send at least one row")
     trailing = [d if d >= 0 else trailing_unknown for d in spec.shape[1:]]
-    if spec.datatype == "BYTES":
-        return np.empty((0, *trailing), dtype=object)
-    return np.empty((0, *trailing), dtype=datatypes.numpy_dtype(spec.datatype))
+    return np.empty((0, *trailing), dtype=datatypes.numpy_dtype(spec.datatype))  # BYTES: object
 
 
 def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Array]:
+    inputs = schema.inputs
+    one_matrix = len(inputs) == 1 and len(inputs[0].shape) == 2  # [N, F], columns from feature_names
     if not records:
-        # No records: a zero-row batch of every input (columns of a [N, F] input from feature_names).
+        # No records: a zero-row batch of every input.
         width = len(schema.feature_names or ()) or 1
-        unknown = width if len(schema.inputs) == 1 and len(schema.inputs[0].shape) == 2 else 1
-        return {spec.name: _zero_rows(spec, unknown) for spec in schema.inputs}
+        return {spec.name: _zero_rows(spec, width if one_matrix else 1) for spec in inputs}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise invalid(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
-    inputs = schema.inputs
-    # Records fill one [N, F] input (columns in feature_names order) unless they name it.
-    if len(inputs) == 1 and len(inputs[0].shape) == 2 and set(records[0]) != {inputs[0].name}:
+    # Records fill the one [N, F] input unless they name it.
+    if one_matrix and set(records[0]) != {inputs[0].name}:
         return _matrix(records, inputs[0], schema)
     return _per_feature(records, inputs)
 

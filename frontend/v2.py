@@ -286,5 +286,4 @@ async def shm_unregister(request: Request) -> Response:
     openapi_extra=REGION_NAME,
 )
 async def shm_status(request: Request) -> Response:
-    name = request.path_params.get("name")
-    return json_response(await control.region_status(service_of(request), name))
+    return json_response(await control.region_status(service_of(request), request.path_params.get("name")))

@@ -22,15 +22,7 @@ from starlette.responses import Response
 
 from ipc import datatypes
 
-from .call import (
-    CallResult,
-    InferenceCall,
-    bad,
-    classification_param,
-    int_param,
-    region_param,
-    timeout_param,
-)
+from .call import CallResult, InferenceCall, bad, classification_param, int_param, region_param, timeout_param
 from .dispatcher import CallInput, CallOutput, ResultTensor
 from .errors import ApiError
 from .rest import RawResponse
@@ -87,12 +79,7 @@ def header_length(headers: Mapping[str, str]) -> int | None:
         ) from None
 
 
-def decode(
-    body: bytes | memoryview,
-    length: int | None,
-    call: InferenceCall,
-    shm_enabled: bool,
-) -> bool:
+def decode(body: bytes | memoryview, length: int | None, call: InferenceCall, shm_enabled: bool) -> bool:
     """Fill ``call`` (model, version, request id and lease already set) from an infer body;
     True when outputs not named should come back binary (``parameters.binary_data_output``)."""
     if length is not None and not 0 <= length <= len(body):
