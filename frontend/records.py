@@ -173,9 +173,8 @@ def tensors_to_records(
     outputs: list[tuple[str, Array]], rows: int, schema: ModelSchema | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One record per input row; outputs without a row dimension come back whole in the second value."""
-    json_outputs = set()
-    if schema is not None and schema.metadata.get(JSON_OUTPUTS_KEY):
-        json_outputs = set(schema.metadata[JSON_OUTPUTS_KEY].split(","))
+    listed = schema.metadata.get(JSON_OUTPUTS_KEY) if schema is not None else None
+    json_outputs = set(listed.split(",")) if listed else set()
     records: list[dict[str, Any]] = [{} for _ in range(rows)]
     whole: dict[str, Any] = {}
     for name, out in outputs:

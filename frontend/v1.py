@@ -119,9 +119,8 @@ def _check_id(kind: str, value: str) -> None:
 async def list_models(request: Request) -> Response:
     """Every model the coordinator knows, in any state, with workers, schema, load time and memory."""
     reply = await service_of(request).coordinator.refresh()
-    table = reply.table
-    assert table is not None
-    return json_response({"models": [model_info(e) for e in table.models]})
+    assert reply.table is not None
+    return json_response({"models": [model_info(e) for e in reply.table.models]})
 
 
 @router.get(

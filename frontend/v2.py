@@ -59,8 +59,7 @@ def _model_route(method: str, suffix: str = "", **options: Any) -> Callable[[Han
 
     def register(handler: Handler) -> Handler:
         router.add_api_route(f"/models/{{model}}{suffix}", handler, methods=[method], **options)
-        extra = dict(options.pop("openapi_extra", None) or {})
-        extra["parameters"] = [*extra.get("parameters", []), VERSION_PARAMETER]
+        extra = {**options.pop("openapi_extra", {}), "parameters": [VERSION_PARAMETER]}
         path = f"/models/{{model}}/versions/{{version}}{suffix}"
         router.add_api_route(path, handler, methods=[method], openapi_extra=extra, **options)
         return handler
