@@ -146,8 +146,7 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 async def _default_version(service: Service, model: str) -> str:
     """The newest version the repository index knows for ``model``, else "1"."""
     reply = await service.coordinator.index()
-    versions = [i.version for i in reply.index if i.name == model]
-    return max(versions, key=version_key) if versions else "1"
+    return max((i.version for i in reply.index if i.name == model), key=version_key, default="1")
 
 
 async def repository_load(service: Service, model: str, parameters: dict[str, Any]) -> ModelEntry:

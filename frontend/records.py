@@ -82,19 +82,11 @@ def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Arr
 def _row_keys_check(records: list[dict[str, Any]], expected: list[str]) -> None:
     want = set(expected)
     for i, record in enumerate(records):
-        got = set(record)
-        if got != want:
-            missing = sorted(want - got)
-            extra = sorted(got - want)
-            parts = []
-            if missing:
-                parts.append(f"missing feature(s) {', '.join(missing)}")
-            if extra:
-                parts.append(f"unexpected feature(s) {', '.join(extra)}")
-            raise invalid(
-                f"inputs[{i}]: {'; '.join(parts)}",
-                {"row": i, "missing": missing, "unexpected": extra, "expected": expected},
-            )
+        if record.keys() == want:
+            continue
+        problems = {"missing": sorted(want - record.keys()), "unexpected": sorted(record.keys() - want)}
+        parts = [f"{kind} feature(s) {', '.join(names)}" for kind, names in problems.items() if names]
+        raise invalid(f"inputs[{i}]: {'; '.join(parts)}", {"row": i, **problems, "expected": expected})
 
 
 def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dict[str, Array]:
@@ -131,9 +123,8 @@ def _matrix(records: list[dict[str, Any]], spec: TensorSpec, schema: ModelSchema
     except ApiError:
         # Say which feature is wrong, not just which element.
         for name in features:
-            for i, record in enumerate(records):
-                if not kind_ok(record[name], spec.datatype, lenient=True):
-                    value = record[name]
+            for i, value in enumerate(record[name] for record in records):
+                if not kind_ok(value, spec.datatype, lenient=True):
                     raise invalid(
                         f"inputs[{i}].{name}: {type(value).__name__} {value!r} is not {spec.datatype}",
                         {"row": i, "feature": name, "expected": spec.datatype},

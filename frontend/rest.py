@@ -27,14 +27,15 @@ def tensor_specs(specs: list[TensorSpec]) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in specs]
 
 
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+
+
 class RawResponse(Response):
     """A ``Response`` with its final bytes and headers, built without Starlette's header
     machinery (a few µs per small inference); ``frontend.fastpath`` sends its fields as
     raw ASGI messages, FastAPI routes return it as any ``Response``."""
 
-    def __init__(
-        self, body: bytes, media_type: bytes, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()
-    ) -> None:
+    def __init__(self, body: bytes, media_type: bytes, status: int = 200, headers: RawHeaders = ()) -> None:
         self.status_code = status
         self.body = body
         self.background = None
@@ -73,10 +74,9 @@ async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
         return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
     table = reply.table
     assert table is not None
-    body = {
+    return {
         "ready": table.ready,
         "reasons": table.reasons,
         "models": sum(1 for m in table.models if m.state == "ready"),
         "workers": sum(1 for w in table.workers if w.alive),
-    }
-    return body, table.ready
+    }, table.ready
