@@ -115,11 +115,10 @@ def decode(body: bytes | memoryview, length: int | None, call: InferenceCall, sh
 def _input(item: RequestInput, binary: memoryview, pos: int, shm_enabled: bool) -> tuple[CallInput, int]:
     where = f"input '{item.name}'"
     params = item.parameters
-    tensor = CallInput(item.name, item.datatype, item.shape)
-    region = region_param(params, where, shm_enabled)
-    if region is not None:
-        tensor.region = region
-    elif "binary_data_size" in params:
+    tensor = CallInput(item.name, item.datatype, item.shape, region=region_param(params, where, shm_enabled))
+    if tensor.region is not None:
+        return tensor, pos
+    if "binary_data_size" in params:
         size = int_param(params, "binary_data_size", where, required=True)
         if pos + size > len(binary):
             raise bad(
