@@ -36,6 +36,8 @@ coordinator owns the model table. Errors share one shape:
 `{"error": {"code", "message", "request_id", "details"}}` (`/v2`: `{"error": "..."}`).
 """
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -51,7 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "frontend ready (arena %s, %d bytes)", service.dispatcher.arena.name, settings.shm_arena_bytes
         )
-        grpc = await _start_grpc(settings, service, app)
+        grpc: GrpcFrontend | None = None
+        if settings.grpc_port:  # 0: no gRPC listener beside uvicorn (frontend/grpc_server.py)
+            grpc = GrpcFrontend(settings, service, app.state.activity, app.state.auth)
+            await grpc.start()
         try:
             yield
         finally:
@@ -67,15 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = auth.AuthPolicy(settings)  # reads the token files; a bad token fails here
     auth.install_openapi(app, app.state.auth)
     return app
-
-
-async def _start_grpc(settings: Settings, service: Service, app: FastAPI) -> GrpcFrontend | None:
-    """The gRPC listener beside uvicorn (frontend/grpc_server.py), unless MODEL_SERVER_GRPC_PORT=0."""
-    if not settings.grpc_port:
-        return None
-    grpc = GrpcFrontend(settings, service, app.state.activity, app.state.auth)
-    await grpc.start()
-    return grpc
 
 
 def asgi_app(app: FastAPI, settings: Settings) -> ASGIApp:
@@ -113,10 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
@@ -124,9 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
         response = error_response(request.url.path, exc.status_code, code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)

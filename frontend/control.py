@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import orjson
 
 from ipc import client_shm, datatypes
@@ -115,12 +116,9 @@ async def statistics(service: Service, model: str | None, version: str | None) -
 # --- model repository extension --------------------------------------------------------------
 
 
-async def repository_index(service: Service, ready_only: bool) -> list[dict[str, str]]:
+async def repository_index(service: Service, ready_only: bool) -> list[dict[str, Any]]:
     reply = await service.coordinator.index()
-    items = [
-        {"name": i.name, "version": i.version, "state": i.state, "reason": i.reason} for i in reply.index
-    ]
-    return [i for i in items if i["state"] == "READY"] if ready_only else items
+    return [msgspec.structs.asdict(i) for i in reply.index if i.state == "READY" or not ready_only]
 
 
 def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -148,8 +146,7 @@ def _load_options(parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 async def _default_version(service: Service, model: str) -> str:
     """The newest version the repository index knows for ``model``, else "1"."""
     reply = await service.coordinator.index()
-    versions = [i.version for i in reply.index if i.name == model]
-    return max(versions, key=version_key) if versions else "1"
+    return max((i.version for i in reply.index if i.name == model), key=version_key, default="1")
 
 
 async def repository_load(service: Service, model: str, parameters: dict[str, Any]) -> ModelEntry:

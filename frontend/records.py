@@ -33,25 +33,22 @@ Array = npt.NDArray[Any]
 JSON_OUTPUTS_KEY = "json_outputs"
 
 
-def check_bounds(settings: Settings, inputs: Any, schema: ModelSchema) -> None:
-    """Rows and inputs bounded before the values are converted (records are copied column by column)."""
+def to_tensors(settings: Settings, inputs: Any, schema: ModelSchema) -> tuple[dict[str, Array], int]:
+    """The model's inputs from records or named tensors, and the number of rows.
+
+    Rows and inputs are bounded before the values are converted (records are copied column by column).
+    """
     if isinstance(inputs, list):
         check_rows(settings, len(inputs), "inputs")
         if inputs and isinstance(inputs[0], dict):
             check_inputs(settings, len(inputs[0]), "features in inputs[0]")
-    elif isinstance(inputs, dict):
+        return records_to_tensors(inputs, schema), len(inputs)
+    if isinstance(inputs, dict):
         check_inputs(settings, len(inputs), "named input tensors")
         for spec in schema.inputs:
             value = inputs.get(spec.name)
             if spec.shape and spec.shape[0] < 0 and isinstance(value, list):
                 check_rows(settings, len(value), f"input {spec.name!r}")
-
-
-def to_tensors(inputs: Any, schema: ModelSchema) -> tuple[dict[str, Array], int]:
-    """The model's inputs from records or named tensors, and the number of rows."""
-    if isinstance(inputs, list):
-        return records_to_tensors(inputs, schema), len(inputs)
-    if isinstance(inputs, dict):
         arrays = named_to_tensors(inputs, schema)
         first = next(iter(arrays.values()))
         return arrays, first.shape[0] if first.ndim else 1
@@ -63,59 +60,45 @@ def _zero_rows(spec: TensorSpec, trailing_unknown: int = 1) -> Array:
     if not spec.shape or spec.shape[0] >= 0:
         raise invalid(f"input {spec.name!r} has no variable batch dimension: send at least one row")
     trailing = [d if d >= 0 else trailing_unknown for d in spec.shape[1:]]
-    if spec.datatype == "BYTES":
-        return np.empty((0, *trailing), dtype=object)
-    return np.empty((0, *trailing), dtype=datatypes.numpy_dtype(spec.datatype))
+    return np.empty((0, *trailing), dtype=datatypes.numpy_dtype(spec.datatype))  # BYTES: object
 
 
 def records_to_tensors(records: list[Any], schema: ModelSchema) -> dict[str, Array]:
+    inputs = schema.inputs
+    one_matrix = len(inputs) == 1 and len(inputs[0].shape) == 2  # [N, F], columns from feature_names
     if not records:
-        # No records: a zero-row batch of every input (columns of a [N, F] input from feature_names).
+        # No records: a zero-row batch of every input.
         width = len(schema.feature_names or ()) or 1
-        unknown = width if len(schema.inputs) == 1 and len(schema.inputs[0].shape) == 2 else 1
-        return {spec.name: _zero_rows(spec, unknown) for spec in schema.inputs}
+        return {spec.name: _zero_rows(spec, width if one_matrix else 1) for spec in inputs}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise invalid(f"inputs[{i}] is {type(record).__name__}, expected an object of features")
-    inputs = schema.inputs
-    names = {spec.name for spec in inputs}
-    keys = set(records[0])
-    per_feature = keys == names or (len(inputs) > 1 and not schema.feature_names)
-    if per_feature or not (len(inputs) == 1 and len(inputs[0].shape) == 2):
-        return _per_feature(records, inputs)
-    return _matrix(records, inputs[0], schema)
+    # Records fill the one [N, F] input unless they name it.
+    if one_matrix and set(records[0]) != {inputs[0].name}:
+        return _matrix(records, inputs[0], schema)
+    return _per_feature(records, inputs)
 
 
 def _row_keys_check(records: list[dict[str, Any]], expected: list[str]) -> None:
     want = set(expected)
     for i, record in enumerate(records):
-        got = set(record)
-        if got != want:
-            missing = sorted(want - got)
-            extra = sorted(got - want)
-            parts = []
-            if missing:
-                parts.append(f"missing feature(s) {', '.join(missing)}")
-            if extra:
-                parts.append(f"unexpected feature(s) {', '.join(extra)}")
-            raise invalid(
-                f"inputs[{i}]: {'; '.join(parts)}",
-                {"row": i, "missing": missing, "unexpected": extra, "expected": expected},
-            )
+        if record.keys() == want:
+            continue
+        problems = {"missing": sorted(want - record.keys()), "unexpected": sorted(record.keys() - want)}
+        parts = [f"{kind} feature(s) {', '.join(names)}" for kind, names in problems.items() if names]
+        raise invalid(f"inputs[{i}]: {'; '.join(parts)}", {"row": i, **problems, "expected": expected})
 
 
 def _per_feature(records: list[dict[str, Any]], inputs: list[TensorSpec]) -> dict[str, Array]:
     _row_keys_check(records, [spec.name for spec in inputs])
     tensors: dict[str, Array] = {}
-    n = len(records)
     for spec in inputs:
         column = [record[spec.name] for record in records]
         arr = from_json(column, spec.datatype, f"feature {spec.name!r}", lenient=True)
-        shape = (n, *arr.shape[1:])
-        if len(spec.shape) == 2 and arr.ndim == 1 and spec.shape[1] in (1, -1):
-            arr = arr.reshape(n, 1)
-        elif len(spec.shape) == len(shape) + 1 and spec.shape[-1] == 1:
-            arr = arr.reshape(*shape, 1)
+        # A value per row fills an [N, 1] (or [N, -1]) input; any trailing dimension of 1 likewise.
+        trailing = (1, -1) if arr.ndim == 1 else (1,)
+        if len(spec.shape) == arr.ndim + 1 and spec.shape[-1] in trailing:
+            arr = arr.reshape(*arr.shape, 1)
         check_shape(spec, list(arr.shape), f"feature {spec.name!r}")
         tensors[spec.name] = arr
     return tensors
@@ -140,9 +123,8 @@ def _matrix(records: list[dict[str, Any]], spec: TensorSpec, schema: ModelSchema
     except ApiError:
         # Say which feature is wrong, not just which element.
         for name in features:
-            for i, record in enumerate(records):
-                if not kind_ok(record[name], spec.datatype, lenient=True):
-                    value = record[name]
+            for i, value in enumerate(record[name] for record in records):
+                if not kind_ok(value, spec.datatype, lenient=True):
                     raise invalid(
                         f"inputs[{i}].{name}: {type(value).__name__} {value!r} is not {spec.datatype}",
                         {"row": i, "feature": name, "expected": spec.datatype},
@@ -173,30 +155,25 @@ def named_to_tensors(named: dict[str, Any], schema: ModelSchema) -> dict[str, Ar
 _text = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])
 
 
-def _object_rows(arr: Array) -> Any:
-    return _text(arr).tolist() if arr.size else arr.tolist()
+def _lists(arr: Array) -> Any:
+    """An output as nested lists, BYTES as text."""
+    return _text(arr).tolist() if arr.dtype == object and arr.size else arr.tolist()
 
 
 def tensors_to_records(
     outputs: list[tuple[str, Array]], rows: int, schema: ModelSchema | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One record per input row; outputs without a row dimension come back whole in the second value."""
-    json_outputs = set()
-    if schema is not None and schema.metadata.get(JSON_OUTPUTS_KEY):
-        json_outputs = set(schema.metadata[JSON_OUTPUTS_KEY].split(","))
+    listed = schema.metadata.get(JSON_OUTPUTS_KEY) if schema is not None else None
+    json_outputs = set(listed.split(",")) if listed else set()
     records: list[dict[str, Any]] = [{} for _ in range(rows)]
     whole: dict[str, Any] = {}
     for name, out in outputs:
-        arr = out.reshape(rows) if out.ndim == 2 and out.shape[0] == rows and out.shape[1] == 1 else out
-        if arr.ndim >= 1 and arr.shape[0] == rows:
-            if name in json_outputs:
-                values: list[Any] = [orjson.loads(v) for v in arr.reshape(rows)]
-            elif arr.dtype == object:
-                values = _object_rows(arr)
-            else:
-                values = arr.tolist()
-            for record, value in zip(records, values, strict=True):
-                record[name] = value
-        else:
-            whole[name] = _object_rows(arr) if arr.dtype == object else arr.tolist()
+        arr = out.reshape(rows) if out.shape == (rows, 1) else out
+        if arr.ndim == 0 or arr.shape[0] != rows:
+            whole[name] = _lists(arr)
+            continue
+        values = [orjson.loads(v) for v in arr.reshape(rows)] if name in json_outputs else _lists(arr)
+        for record, value in zip(records, values, strict=True):
+            record[name] = value
     return records, whole

@@ -33,24 +33,20 @@ _WHY: dict[int, str] = {
 }
 
 
-def _v1(*statuses: int) -> Responses:
-    return {status: {"model": ErrorResponse, "description": _WHY[status]} for status in statuses}
-
-
-def _v2(*statuses: int) -> Responses:
-    return {status: {"model": V2ErrorResponse, "description": _WHY[status]} for status in statuses}
+def _errors(shape: type, *statuses: int) -> Responses:
+    return {status: {"model": shape, "description": _WHY[status]} for status in statuses}
 
 
 # --- /health, /ready, /metrics and /v1 ---------------------------------------------------------
 READY: Responses = {503: {"model": ReadyResponse, "description": "Not ready; `reasons` says why."}}
-V1_LIST = _v1(503)
-V1_MODEL = _v1(404, 409, 503)
-V1_LOAD = _v1(400, 403, 404, 409, 413, 422, 502, 503, 504, 507)
-V1_INFER = _v1(400, 404, 409, 413, 422, 503, 504)
+V1_LIST = _errors(ErrorResponse, 503)
+V1_MODEL = _errors(ErrorResponse, 404, 409, 503)
+V1_LOAD = _errors(ErrorResponse, 400, 403, 404, 409, 413, 422, 502, 503, 504, 507)
+V1_INFER = _errors(ErrorResponse, 400, 404, 409, 413, 422, 503, 504)
 
 # --- /v2 --------------------------------------------------------------------------------------
-V2_SERVER = _v2(503)  # routes that ask the coordinator for the table
-V2_MODEL = _v2(404, 503)  # metadata, config, statistics of one model
+V2_SERVER = _errors(V2ErrorResponse, 503)  # routes that ask the coordinator for the table
+V2_MODEL = _errors(V2ErrorResponse, 404, 503)  # metadata, config, statistics of one model
 V2_MODEL_READY: Responses = {
     **V2_MODEL,
     400: {"model": ModelReady, "description": "The model is known but not ready (Triton's answer)."},
@@ -62,9 +58,9 @@ V2_INFER: Responses = {
         "bytes) followed by the tensors.",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     },
-    **_v2(400, 404, 409, 413, 501, 503, 504),
+    **_errors(V2ErrorResponse, 400, 404, 409, 413, 501, 503, 504),
 }
-V2_REPOSITORY_INDEX = _v2(400, 413, 503)
-V2_REPOSITORY_LOAD = _v2(400, 403, 404, 409, 413, 502, 503, 504, 507)
-V2_REPOSITORY_UNLOAD = _v2(400, 404, 409, 413, 503)
-V2_SHM = _v2(400, 413, 501, 503)
+V2_REPOSITORY_INDEX = _errors(V2ErrorResponse, 400, 413, 503)
+V2_REPOSITORY_LOAD = _errors(V2ErrorResponse, 400, 403, 404, 409, 413, 502, 503, 504, 507)
+V2_REPOSITORY_UNLOAD = _errors(V2ErrorResponse, 400, 404, 409, 413, 503)
+V2_SHM = _errors(V2ErrorResponse, 400, 413, 501, 503)

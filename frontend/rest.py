@@ -1,26 +1,21 @@
-"""What the ``/v1`` and ``/v2`` route modules share: JSON responses and bodies, readiness,
-the inference body's decompression and size bound, and route pairs registered once."""
+"""What the ``/v1`` and ``/v2`` route modules share: JSON responses, readiness, and the
+inference body's decompression and size bound."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from ipc.messages import TensorSpec
 
 from .compression import decompress_request
 from .coordinator_client import CoordinatorUnavailable
-from .errors import ApiError
 from .limits import check_json_size
 from .service import Service
-
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-VERSION_PARAMETER = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def service_of(request: Request) -> Service:
@@ -32,14 +27,15 @@ def tensor_specs(specs: list[TensorSpec]) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in specs]
 
 
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+
+
 class RawResponse(Response):
     """A ``Response`` with its final bytes and headers, built without Starlette's header
     machinery (a few µs per small inference); ``frontend.fastpath`` sends its fields as
     raw ASGI messages, FastAPI routes return it as any ``Response``."""
 
-    def __init__(
-        self, body: bytes, media_type: bytes, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()
-    ) -> None:
+    def __init__(self, body: bytes, media_type: bytes, status: int = 200, headers: RawHeaders = ()) -> None:
         self.status_code = status
         self.body = body
         self.background = None
@@ -49,17 +45,6 @@ class RawResponse(Response):
 
 def json_response(body: Any, status: int = 200) -> Response:
     return RawResponse(orjson.dumps(body), b"application/json", status)
-
-
-def parse_object(body: bytes, status: int = 422) -> dict[str, Any]:
-    """A JSON object body, or the ApiError (``status``: 422 for /v1, 400 for /v2) saying what is wrong."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(status, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ApiError(status, "invalid_request", "body must be a JSON object")
-    return payload
 
 
 def inference_body(
@@ -89,28 +74,9 @@ async def readiness(service: Service) -> tuple[dict[str, Any], bool]:
         return {"ready": False, "reasons": [str(exc)], "models": 0, "workers": 0}, False
     table = reply.table
     assert table is not None
-    body = {
+    return {
         "ready": table.ready,
         "reasons": table.reasons,
         "models": sum(1 for m in table.models if m.state == "ready"),
         "workers": sum(1 for w in table.workers if w.alive),
-    }
-    return body, table.ready
-
-
-def route_pair(
-    router: APIRouter, method: str, path: str, suffix: str = "", **options: Any
-) -> Callable[[Handler], Handler]:
-    """One handler on ``path + suffix`` and ``path + /versions/{version} + suffix``, as MLServer
-    registers its V2 routes; the handler reads ``request.path_params.get("version")``."""
-
-    def register(handler: Handler) -> Handler:
-        router.add_api_route(path + suffix, handler, methods=[method], **options)
-        extra = dict(options.pop("openapi_extra", None) or {})
-        extra["parameters"] = [*extra.get("parameters", []), VERSION_PARAMETER]
-        router.add_api_route(
-            f"{path}/versions/{{version}}{suffix}", handler, methods=[method], openapi_extra=extra, **options
-        )
-        return handler
-
-    return register
+    }, table.ready

@@ -53,7 +53,6 @@ class ReadyResponse(BaseModel):
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(
-        protected_namespaces=(),
         json_schema_extra={
             "example": {
                 "model_id": "fraud_detection",
@@ -97,8 +96,6 @@ class TensorSchema(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
     model_id: str
     version: str
     state: Literal["downloading", "loading", "ready", "failed", "unloading", "unloaded"]
@@ -125,8 +122,6 @@ class ModelList(BaseModel):
 
 
 class InferResponseV1(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
     request_id: str
     model_id: str
     model_version: str

@@ -16,22 +16,13 @@ from model_server import metrics, naming
 from model_server.logs import request_id_var
 from model_server.models_file import model_config_from
 
-from . import responses, rest
+from . import responses, rest, schemas
 from .call import InferenceCall, execute
 from .dispatcher import CallInput, CallOutput
 from .errors import ApiError
-from .records import check_bounds, tensors_to_records, to_tensors
+from .records import tensors_to_records, to_tensors
 from .rest import inference_body, json_response, service_of, tensor_specs
-from .schemas import (
-    HealthResponse,
-    InferResponseV1,
-    LoadRequest,
-    ModelInfo,
-    ModelList,
-    ReadyResponse,
-    doc,
-    request_body,
-)
+from .schemas import doc, request_body
 from .service import Service
 
 router = APIRouter()
@@ -60,7 +51,7 @@ def model_info(entry: ModelEntry, state: str | None = None) -> dict[str, Any]:
     }
 
 
-@router.get("/health", response_model=HealthResponse, tags=["health"], summary="Liveness probe")
+@router.get("/health", response_model=schemas.HealthResponse, tags=["health"], summary="Liveness probe")
 async def health() -> Response:
     """200 while this frontend process runs."""
     return json_response({"status": "ok"})
@@ -69,7 +60,7 @@ async def health() -> Response:
 router.add_api_route(
     "/ready",
     rest.ready,
-    response_model=ReadyResponse,
+    response_model=schemas.ReadyResponse,
     tags=["health"],
     summary="Readiness probe",
     responses=responses.READY,
@@ -93,12 +84,12 @@ async def prometheus_metrics(request: Request) -> Response:
 
 @router.post(
     "/v1/models/load",
-    response_model=ModelInfo,
+    response_model=schemas.ModelInfo,
     responses=responses.V1_LOAD,
     tags=["models"],
     summary="Load a model",
 )
-async def load_model(body: LoadRequest, request: Request) -> Response:
+async def load_model(body: schemas.LoadRequest, request: Request) -> Response:
     """Load ``model_id``/``version`` from ``registry_uri`` onto the workers; idempotent.
 
     Concurrent loads of one model share one load. Answers when the model is ready
@@ -120,23 +111,21 @@ def _check_id(kind: str, value: str) -> None:
 
 @router.get(
     "/v1/models",
-    response_model=ModelList,
+    response_model=schemas.ModelList,
     responses=responses.V1_LIST,
     tags=["models"],
     summary="List models",
 )
 async def list_models(request: Request) -> Response:
     """Every model the coordinator knows, in any state, with workers, schema, load time and memory."""
-    service = service_of(request)
-    reply = await service.coordinator.refresh()
-    table = reply.table
-    assert table is not None
-    return json_response({"models": [model_info(e) for e in table.models]})
+    reply = await service_of(request).coordinator.refresh()
+    assert reply.table is not None
+    return json_response({"models": [model_info(e) for e in reply.table.models]})
 
 
 @router.get(
     "/v1/models/{model_id}/{version}",
-    response_model=ModelInfo,
+    response_model=schemas.ModelInfo,
     responses=responses.V1_MODEL,
     tags=["models"],
     summary="One model",
@@ -148,7 +137,7 @@ async def get_model(model_id: str, version: str, request: Request) -> Response:
 
 @router.delete(
     "/v1/models/{model_id}/{version}",
-    response_model=ModelInfo,
+    response_model=schemas.ModelInfo,
     responses=responses.V1_MODEL,
     tags=["models"],
     summary="Unload a model",
@@ -184,7 +173,7 @@ EXAMPLE = {
 
 @router.post(
     "/v1/infer",
-    response_model=InferResponseV1,
+    response_model=schemas.InferResponseV1,
     responses=responses.V1_INFER,
     openapi_extra=request_body(InferBody, examples=[EXAMPLE]),
     tags=["inference"],
@@ -205,15 +194,13 @@ async def infer_v1(service: Service, headers: Mapping[str, str], body: bytes | m
         entry = await service.entry(envelope.model_id, version)
         tracker.model, tracker.version = entry.model_id, entry.version  # bad inputs are counted per model
         assert entry.schema is not None
-        check_bounds(service.settings, envelope.inputs, entry.schema)
-        arrays, rows = to_tensors(envelope.inputs, entry.schema)
+        arrays, rows = to_tensors(service.settings, envelope.inputs, entry.schema)
+        specs = entry.schema.inputs
+        inputs = [CallInput(s.name, s.datatype, list(arrays[s.name].shape), arrays[s.name]) for s in specs]
         call = InferenceCall(
             envelope.model_id,
             version,
-            [
-                CallInput(s.name, s.datatype, list(arrays[s.name].shape), arrays[s.name])
-                for s in entry.schema.inputs
-            ],
+            inputs,
             [CallOutput(name) for name in envelope.outputs],
             timeout_s=envelope.timeout_ms / 1000 if envelope.timeout_ms else None,
             request_id=request_id_var.get(),

@@ -4,16 +4,17 @@ Same coordinator and workers as ``/v1``; errors are ``{"error": "<message>"}``.
 Extensions: binary tensor data, classification (``frontend/classification.py``),
 model repository, statistics (``frontend/stats.py``), and (when
 ``MODEL_SERVER_ALLOW_CLIENT_SHM=true``) system shared memory. Routes with and
-without ``/versions/{version}`` are one handler each (``rest.route_pair``). Beyond
+without ``/versions/{version}`` are one handler each (``_model_route``). Beyond
 inference, each route answers what ``frontend.control`` returns, as gRPC does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -23,11 +24,12 @@ from . import control, responses, rest, v2_codec, v2_schemas
 from .call import InferenceCall, execute
 from .dispatcher import BodyLease
 from .errors import ApiError
-from .rest import Handler, inference_body, json_response, parse_object, route_pair, service_of
+from .rest import inference_body, json_response, service_of
 from .schemas import ReadyResponse, doc, request_body
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 INFER_EXAMPLES = [
     {
@@ -46,13 +48,23 @@ INFER_EXAMPLES = [
     },
 ]
 INFER_BODY = request_body(v2_codec.InferRequest, examples=INFER_EXAMPLES)
+VERSION_PARAMETER = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 # The region routes share a handler with their server-wide twins, which have no {name}.
 REGION_NAME = {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]}
 
 
 def _model_route(method: str, suffix: str = "", **options: Any) -> Callable[[Handler], Handler]:
-    """``/models/{model}<suffix>`` and ``/models/{model}/versions/{version}<suffix>``: one handler."""
-    return route_pair(router, method, "/models/{model}", suffix, **options)
+    """One handler on ``/models/{model}<suffix>`` and ``/models/{model}/versions/{version}<suffix>``,
+    as MLServer registers its V2 routes; the handler reads ``request.path_params.get("version")``."""
+
+    def register(handler: Handler) -> Handler:
+        router.add_api_route(f"/models/{{model}}{suffix}", handler, methods=[method], **options)
+        extra = {**options.pop("openapi_extra", {}), "parameters": [VERSION_PARAMETER]}
+        path = f"/models/{{model}}/versions/{{version}}{suffix}"
+        router.add_api_route(path, handler, methods=[method], openapi_extra=extra, **options)
+        return handler
+
+    return register
 
 
 # --- health and metadata ----------------------------------------------------------------
@@ -165,8 +177,17 @@ async def infer_v2(
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    """A JSON object body ({} when empty), or the 400 saying what is wrong."""
     body = await request.body()
-    return parse_object(body, 400) if body else {}
+    if not body:
+        return {}
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    return payload
 
 
 @router.post(
@@ -264,5 +285,4 @@ async def shm_unregister(request: Request) -> Response:
     openapi_extra=REGION_NAME,
 )
 async def shm_status(request: Request) -> Response:
-    name = request.path_params.get("name")
-    return json_response(await control.region_status(service_of(request), name))
+    return json_response(await control.region_status(service_of(request), request.path_params.get("name")))

@@ -22,15 +22,7 @@ from starlette.responses import Response
 
 from ipc import datatypes
 
-from .call import (
-    CallResult,
-    InferenceCall,
-    bad,
-    classification_param,
-    int_param,
-    region_param,
-    timeout_param,
-)
+from .call import CallResult, InferenceCall, bad, classification_param, int_param, region_param, timeout_param
 from .dispatcher import CallInput, CallOutput, ResultTensor
 from .errors import ApiError
 from .rest import RawResponse
@@ -87,12 +79,7 @@ def header_length(headers: Mapping[str, str]) -> int | None:
         ) from None
 
 
-def decode(
-    body: bytes | memoryview,
-    length: int | None,
-    call: InferenceCall,
-    shm_enabled: bool,
-) -> bool:
+def decode(body: bytes | memoryview, length: int | None, call: InferenceCall, shm_enabled: bool) -> bool:
     """Fill ``call`` (model, version, request id and lease already set) from an infer body;
     True when outputs not named should come back binary (``parameters.binary_data_output``)."""
     if length is not None and not 0 <= length <= len(body):
@@ -128,11 +115,10 @@ def decode(
 def _input(item: RequestInput, binary: memoryview, pos: int, shm_enabled: bool) -> tuple[CallInput, int]:
     where = f"input '{item.name}'"
     params = item.parameters
-    tensor = CallInput(item.name, item.datatype, item.shape)
-    region = region_param(params, where, shm_enabled)
-    if region is not None:
-        tensor.region = region
-    elif "binary_data_size" in params:
+    tensor = CallInput(item.name, item.datatype, item.shape, region=region_param(params, where, shm_enabled))
+    if tensor.region is not None:
+        return tensor, pos
+    if "binary_data_size" in params:
         size = int_param(params, "binary_data_size", where, required=True)
         if pos + size > len(binary):
             raise bad(
@@ -187,13 +173,10 @@ def _output_entry(tensor: ResultTensor, binary_default: bool, binary: list[memor
             "shared_memory_byte_size": tensor.nbytes,
             "shared_memory_offset": spec.region.offset,
         }
-    elif wants_binary and (tensor.classes is not None or tensor.data is not None):
-        data = (
-            memoryview(datatypes.serialize_bytes(tensor.classes))
-            if tensor.classes is not None
-            else tensor.data
-        )
-        assert data is not None
+    elif wants_binary:
+        classes = tensor.classes
+        data = tensor.data if classes is None else memoryview(datatypes.serialize_bytes(classes))
+        assert data is not None  # None only for an output written into the client's region
         entry["parameters"] = {"binary_data_size": len(data)}
         binary.append(data)
     else:
