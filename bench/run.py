@@ -12,6 +12,7 @@ Examples::
     python -m bench.run --quick                      # smoke run, 3 s cells, 1 repetition
     python -m bench.run --write-md BENCHMARKS.md     # the full run for the record
     python -m bench.run --peers pytriton --only mlp:v2-binary --duration 2 --reps 1
+    python -m bench.run --peers ours --only tabular:grpc:32,tabular:v2-binary:32,tabular:py-grpc:32
     python -m bench.run --peers ours --models tabular --concurrency 32 --profile
     python -m bench.run --render bench/results/20250101-120000.json --write-md BENCHMARKS.md
 """
