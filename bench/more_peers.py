@@ -25,7 +25,7 @@ import psutil
 
 from bench.models import served_ids
 from bench.peers import HOST, Peer, PeerOptions, PeerUnavailable, free_port, http_request
-from bench.serverstats import BatchCounters, triton_batch_counters
+from bench.serverstats import BatchCounters, RequestCounters, triton_batch_counters, triton_requests
 from bench.venv import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class PyTritonPeer(Peer):
     """NVIDIA PyTriton: tritonserver + Python backend, onnxruntime inside the bound callables."""
 
     name = "pytriton"
-    paths = ("v2-json", "v2-binary", "grpc")
+    paths = ("v2-json", "v2-binary", "grpc", "py-grpc")
 
     def __init__(
         self, work_dir: Path, options: PeerOptions, model_files: dict[str, Path], python: Path
@@ -132,6 +132,10 @@ class PyTritonPeer(Peer):
     def batch_counters(self, model_id: str) -> BatchCounters | None:
         status, _, body = http_request(self.metrics_port, "GET", "/metrics", b"", {}, timeout=10.0)
         return triton_batch_counters(body.decode(errors="replace"), model_id) if status == 200 else None
+
+    def grpc_request_counters(self, model_id: str) -> RequestCounters | None:
+        status, _, body = http_request(self.metrics_port, "GET", "/metrics", b"", {}, timeout=10.0)
+        return triton_requests(body.decode(errors="replace"), model_id) if status == 200 else None
 
 
 class LitServePeer(Peer):

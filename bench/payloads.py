@@ -11,8 +11,10 @@ Paths:
   bodies are not rebuilt either); outputs come back in binary (this server).
 - ``py-binary`` / ``py-shm``: a Python client process loop (:mod:`bench.pyclient`),
   binary HTTP or system shared memory; not wrk.
-- ``grpc``: KServe V2 gRPC through ``tritonclient.grpc`` (``raw_input_contents``), Python
-  client processes with threads (:mod:`bench.pyclient`).
+- ``grpc``: KServe V2 gRPC ``ModelInfer`` (``raw_input_contents``) driven by h2load, a C
+  HTTP/2 load generator, as wrk drives REST (:mod:`bench.h2load`, :mod:`bench.grpc_cell`).
+- ``py-grpc``: the same calls from ``tritonclient.grpc`` in Python client processes with
+  threads (:mod:`bench.pyclient`); run only when ``--paths`` or ``--only`` names it.
 - ``in-process``: raw onnxruntime, no server (:mod:`bench.ort_raw`).
 """
 
@@ -28,9 +30,11 @@ import numpy as np
 from bench.models import ReferenceModel, sample_input
 
 WRK_PATHS = ("v2-json", "v2-binary", "v1-records", "v2-shm")
-PY_PATHS = ("py-binary", "py-shm", "grpc")
+PY_PATHS = ("py-binary", "py-shm", "py-grpc")
+H2LOAD_PATHS = ("grpc",)
+OPT_IN_PATHS = ("py-grpc",)  # not in the default plan or a sweep unless --paths / --only names them
 ORT_PATH = "in-process"
-ALL_PATHS = (*WRK_PATHS, *PY_PATHS, ORT_PATH)
+ALL_PATHS = (*WRK_PATHS, *H2LOAD_PATHS, *PY_PATHS, ORT_PATH)
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"

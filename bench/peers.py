@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from bench.models import BATCHED_SUFFIX, served_ids
-from bench.serverstats import BatchCounters, ours_batch_counters
+from bench.serverstats import BatchCounters, RequestCounters, ours_batch_counters, ours_grpc_requests
 from bench.venv import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class Peer:
 
     name = "peer"
     paths: tuple[str, ...] = ()
+    opt_in_paths: tuple[str, ...] = ()  # run only when --paths or --only names them
 
     def __init__(self, work_dir: Path, options: PeerOptions) -> None:
         self.work_dir = work_dir
@@ -141,6 +142,10 @@ class Peer:
 
     def batch_counters(self, model_id: str) -> BatchCounters | None:
         """Rows and executions of ``model_id`` so far, where the peer exposes them."""
+        return None
+
+    def grpc_request_counters(self, model_id: str) -> RequestCounters | None:
+        """gRPC calls of ``model_id`` answered so far, where the peer counts them."""
         return None
 
     def start(self) -> None:
@@ -227,7 +232,7 @@ class OurServer(Peer):
     """This project's server, started with ``model-server serve``."""
 
     name = "ours"
-    paths = ("v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm")
+    paths = ("v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm", "py-grpc")
 
     def __init__(
         self, work_dir: Path, options: PeerOptions, repository: Path, model_names: list[str]
@@ -352,6 +357,10 @@ class OurServer(Peer):
         status, _, body = http_request(self.port, "GET", "/metrics", b"", {}, timeout=10.0)
         return ours_batch_counters(body.decode(errors="replace"), model_id) if status == 200 else None
 
+    def grpc_request_counters(self, model_id: str) -> RequestCounters | None:
+        status, _, body = http_request(self.port, "GET", "/metrics", b"", {}, timeout=10.0)
+        return ours_grpc_requests(body.decode(errors="replace"), model_id) if status == 200 else None
+
     def stop(self) -> None:
         super().stop()
         leftovers = sorted(Path("/dev/shm").glob(f"msrv_bench{os.getpid()}_*"))
@@ -362,15 +371,17 @@ class OurServer(Peer):
 
 
 class MLServerPeer(Peer):
-    """Seldon MLServer from ``.venv-bench`` with the onnxruntime custom runtime."""
+    """Seldon MLServer from ``.venv-bench`` with the onnxruntime custom runtime (V2 REST and gRPC)."""
 
-    paths = ("v2-json",)
+    paths = ("v2-json", "grpc", "py-grpc")
 
     def __init__(
         self, work_dir: Path, options: PeerOptions, models_dir: Path, python: Path, parallel: bool
     ) -> None:
         self.parallel_workers = options.workers if parallel else 0
         self.name = "mlserver-parallel" if parallel else "mlserver"
+        # The default plan measures MLServer's gRPC once (in-process), keeping the run time.
+        self.opt_in_paths = ("grpc",) if parallel else ()
         super().__init__(work_dir, options)
         self.models_dir = models_dir.absolute()
         self.python = python.absolute()  # not resolve(): a venv python is a symlink
@@ -396,14 +407,14 @@ class MLServerPeer(Peer):
         }
 
     def settings(self) -> dict[str, Any]:
-        return self.server_settings(self.port, 0) | {"grpc_port": "a free port (gRPC cannot be disabled)"}
+        return self.server_settings(self.port, 0) | {"grpc_port": "a free port"}
 
     def start(self) -> None:
         mlserver = self.python.parent / "mlserver"
         if not mlserver.exists():
             raise PeerUnavailable(f"{mlserver} not found (.venv-bench incomplete)")
-        self.port = free_port()
-        settings = self.server_settings(self.port, free_port())
+        self.port, self.grpc_port = free_port(), free_port()
+        settings = self.server_settings(self.port, self.grpc_port)
         (self.models_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT)

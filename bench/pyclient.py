@@ -11,7 +11,7 @@ for a fixed time. Per request the client pays for what a real client pays for:
   regions. Regions are ``/dev/shm`` files opened with ``os.open`` + ``mmap`` (no
   resource tracker) and registered once with
   ``POST /v2/systemsharedmemory/region/{name}/register``.
-- ``grpc``: ``tritonclient.grpc`` (KServe V2 ``GRPCInferenceService/ModelInfer``) with the
+- ``py-grpc``: ``tritonclient.grpc`` (KServe V2 ``GRPCInferenceService/ModelInfer``) with the
   input as ``raw_input_contents`` (its default), outputs copied out with ``as_numpy``.
   Concurrency above the process count runs as threads, each with its own channel
   (gRPC calls release the GIL), so c=32 does not need 32 processes on 2 cores.
@@ -59,13 +59,13 @@ class ClientJob:
     port: int
     model: str  # reference model name
     model_id: str
-    path: str  # py-binary, py-shm or grpc
+    path: str  # py-binary, py-shm or py-grpc
     batch: int
     duration_s: float
     warmup_s: float
     timeout_s: float = 30.0
     grpc_port: int = 0
-    threads: int = 1  # concurrent loops per process (grpc only)
+    threads: int = 1  # concurrent loops per process (py-grpc only)
 
 
 def grpc_layout(concurrency: int, max_processes: int) -> tuple[int, int]:
@@ -118,7 +118,7 @@ class _Client:
         elif job.path == "py-shm":
             self._setup_shm()
             self.call = self._shm
-        elif job.path == "grpc":
+        elif job.path == "py-grpc":
             self._setup_grpc()
             self.call = self._grpc
         else:
@@ -209,7 +209,7 @@ class _Client:
 
     def reset(self) -> None:
         """After a failed call: HTTP reconnects on the next request; a gRPC channel recovers itself."""
-        if self.job.path != "grpc":
+        if self.job.path != "py-grpc":
             self.conn.close()
 
     # --- binary HTTP -----------------------------------------------------------------
@@ -236,7 +236,7 @@ class _Client:
         return arrays
 
     def close(self) -> None:
-        if self.job.path == "grpc":
+        if self.job.path == "py-grpc":
             self.grpc.close()
         for region in self.regions:
             with contextlib.suppress(Exception):

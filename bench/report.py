@@ -24,7 +24,9 @@ TARGET_CONCURRENCY = 32
 BUSY_PCT = 15.0  # CPU use before a peer starts above which the report warns
 NOISY_PCT = 10.0  # CPU used by other processes during a cell above which it is flagged
 FRONTEND_CPU_LIMIT_US = 300.0  # issue 12: frontend CPU per small request
-PATH_ORDER = ("v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm", "in-process")
+PATH_ORDER = (
+    "v2-json", "v2-binary", "v1-records", "v2-shm", "grpc", "py-binary", "py-shm", "py-grpc", "in-process"
+)  # fmt: skip
 PEER_ORDER = (OURS, MLS, MLS_PAR, TRITON, LIT, ORT)
 MODEL_ORDER = ("tabular", "mlp", "cnn")
 PATH_CLIENT = {
@@ -34,7 +36,8 @@ PATH_CLIENT = {
     "v2-shm": "wrk",
     "py-binary": "Python client",
     "py-shm": "Python client",
-    "grpc": "tritonclient.grpc",
+    "grpc": "h2load",
+    "py-grpc": "tritonclient.grpc",
     "in-process": "loop",
 }
 
@@ -206,7 +209,7 @@ def _mlp_targets(get: Getter) -> list[Verdict]:
 
 
 def evaluate_targets(cells: Iterable[Cell]) -> list[Verdict]:
-    """Issue 12's targets, in its order."""
+    """Issue 12's targets, in its order, then issue 11's gRPC target."""
     idx = index(cells)
 
     def get(peer: str, model: str, path: str, conc: int, batching: bool = False) -> Cell | None:
@@ -218,6 +221,15 @@ def evaluate_targets(cells: Iterable[Cell]) -> list[Verdict]:
             "CNN, V2 JSON, c=8: ≥ 2x MLServer in-process",
             _rps(get(OURS, "cnn", "v2-json", 8)),
             _times(2.0, _rps(get(MLS, "cnn", "v2-json", 8))),
+            "req/s",
+        )
+    )
+    c = TARGET_CONCURRENCY
+    verdicts.append(  # issue 11
+        at_least(
+            f"tabular, c={c}: gRPC (h2load) ≥ REST V2 binary (wrk)",
+            _rps(get(OURS, "tabular", "grpc", c)),
+            _rps(get(OURS, "tabular", "v2-binary", c)),
             "req/s",
         )
     )
@@ -385,7 +397,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["### Raw onnxruntime in-process (one thread, no server: the limit)", ""]
         out += ort_table(ort_cells)
         out.append("")
-    out += ["### Targets (issue 12)", "", "| target | measured | status |", "|---|---|---|"]
+    out += ["### Targets (issues 12 and 11)", "", "| target | measured | status |", "|---|---|---|"]
     for verdict in evaluate_targets(cells):
         out.append(f"| {verdict.target} | {verdict.measured} | {verdict.status} |")
     out.append("")
@@ -401,9 +413,14 @@ NOTES = [
     "- Python-client rows (py-binary, py-shm): c client processes, one keep-alive connection each; every "
     "request includes the client's own copies (body build / shared-memory write, output copy-out). Compare "
     "py-shm with py-binary, not with wrk rows.",
-    "- gRPC rows: c calls in flight from Python tritonclient.grpc processes (threads within each), inputs "
-    "as raw_input_contents; the client's own CPU shares the 2 cores, so compare gRPC rows with each other "
-    "and with REST binary only as an order of magnitude.",
+    "- grpc rows (h2load): KServe V2 gRPC ModelInfer with raw_input_contents, every output named, the "
+    "same framed message re-sent by h2load (C, HTTP/2 h2c) on c connections with one call in flight each, "
+    "threads = min(2, c): measured as wrk measures REST, so comparable with the wrk rows. A gRPC error "
+    "is HTTP 200 to h2load: each cell first checks one call's outputs with a real gRPC client, counts "
+    "answers without a whole reply's DATA as errors, and (this server, Triton) checks the server's own "
+    "success and failure counters against h2load's count.",
+    "- py-grpc rows (only when asked for): c calls in flight from Python tritonclient.grpc processes "
+    "(threads within each); the client's own CPU shares the 2 cores.",
     "- ÷ best peer divides this server's req/s by the fastest other server's on the same path, c and "
     "batching; ÷ ORT divides rows/s by raw onnxruntime's single-thread rows/s.",
     "- mean batch: rows per model execution over the timed repetitions (this server: "

@@ -1,8 +1,8 @@
 """``python -m bench.run`` (``make bench``): this server vs MLServer, PyTriton, LitServe and raw onnxruntime.
 
 One run on one machine: build the reference models, start each peer in turn on
-127.0.0.1 with the same number of worker processes, drive it with wrk (and Python
-clients for shared memory and gRPC), sample its memory, stop it; then write
+127.0.0.1 with the same number of worker processes, drive it with wrk (REST), h2load
+(gRPC) and Python clients (shared memory), sample its memory, stop it; then write
 ``bench/results/<timestamp>.json`` and the Markdown for BENCHMARKS.md. By default the
 cells are those the issue's targets need (about 20 minutes on 2 cores with every peer);
 ``--concurrency`` sweeps every path at the levels given instead.
@@ -12,6 +12,7 @@ Examples::
     python -m bench.run --quick                      # smoke run, 3 s cells, 1 repetition
     python -m bench.run --write-md BENCHMARKS.md     # the full run for the record
     python -m bench.run --peers pytriton --only mlp:v2-binary --duration 2 --reps 1
+    python -m bench.run --peers ours --only tabular:grpc:32,tabular:v2-binary:32,tabular:py-grpc:32
     python -m bench.run --peers ours --models tabular --concurrency 32 --profile
     python -m bench.run --render bench/results/20250101-120000.json --write-md BENCHMARKS.md
 """
@@ -36,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from bench import loadgen, models, report
+from bench import h2load, loadgen, models, report
 from bench.memory import MemorySampler
 from bench.more_peers import LitServePeer, PyTritonPeer
 from bench.payloads import ALL_PATHS
@@ -208,6 +209,7 @@ def versions(pythons: dict[str, Path]) -> dict[str, str]:
         "scikit-learn": _version("scikit-learn"),
         "skl2onnx": _version("skl2onnx"),
         "wrk": loadgen.wrk_version(),
+        "h2load": h2load.h2load_version(),
     }
     for peer, package in (
         ("mlserver", "mlserver"),

@@ -26,11 +26,14 @@ from types import TracebackType
 
 import numpy as np
 
-from bench import loadgen, pyclient
+from bench import h2load, loadgen, pyclient
+from bench.grpc_cell import GrpcCell, server_problem
 from bench.interference import CpuAccount
 from bench.models import REFERENCE_MODELS, sample_input
 from bench.payloads import (
+    H2LOAD_PATHS,
     HEADER_LENGTH,
+    OPT_IN_PATHS,
     ORT_PATH,
     PY_PATHS,
     WRK_PATHS,
@@ -94,9 +97,25 @@ def selected(settings: RunSettings, model: str, path: str, concurrency: int) -> 
     return False
 
 
-def concurrencies(settings: RunSettings, model: str, path: str) -> list[int]:
+def _named_levels(settings: RunSettings, model: str, path: str) -> set[int]:
+    """Concurrencies that ``--only`` names for this model and path (``model:path:c``)."""
+    levels: set[int] = set()
+    for pattern in settings.only:
+        parts = pattern.split(":")
+        if len(parts) == 3 and parts[0] in ("*", model) and parts[1] == path and parts[2].isdigit():
+            levels.add(int(parts[2]))
+    return levels
+
+
+def concurrencies(settings: RunSettings, model: str, path: str, opt_in: tuple[str, ...] = ()) -> list[int]:
+    """The levels a cell runs at; none for an opt-in path (py-grpc, ``opt_in``) that neither
+    ``--paths`` nor ``--only`` names."""
+    named = _named_levels(settings, model, path)
+    if path in OPT_IN_PATHS + opt_in and path not in settings.paths and not named:
+        return []
     if not settings.concurrency:
-        return list(TARGET_PLAN.get(model, {}).get(path, ()))
+        planned = TARGET_PLAN.get(model, {}).get("grpc" if path == "py-grpc" else path, ())
+        return sorted(set(planned) | named)
     levels = set(settings.concurrency)
     if model == "mlp" and path in WRK_PATHS:
         levels.add(MLP_BATCHING_CONCURRENCY)
@@ -121,7 +140,7 @@ def _server_cells(peer: Peer, model: str, path: str, settings: RunSettings) -> l
     batching_variants = model == "mlp" and peer.supports_batching() and path in WRK_PATHS
     cells: list[Cell] = []
     for batching in [False, True] if batching_variants else [False]:
-        for level in concurrencies(settings, model, path):
+        for level in concurrencies(settings, model, path, peer.opt_in_paths):
             if selected(settings, model, path, level):
                 served_as = peer.model_id(model, batching)
                 cells.append(
@@ -199,6 +218,8 @@ def run_cell(peer: Peer, cell: Cell, settings: RunSettings, model_files: dict[st
             cell.reps = [Rep.from_json(rep) for rep in reps]
         elif cell.path in WRK_PATHS:
             _run_wrk_cell(peer, cell, settings)
+        elif cell.path in H2LOAD_PATHS:
+            _run_grpc_cell(peer, cell, settings)
         elif cell.path in PY_PATHS:
             _run_py_cell(peer, cell, settings)
         else:
@@ -299,13 +320,42 @@ def grpc_unreachable(peer: Peer, wait_s: float = 5.0) -> str | None:
         time.sleep(0.5)
 
 
+def _skip_grpc(peer: Peer, cell: Cell) -> bool:
+    """Skip a gRPC cell (with the reason) where the peer has no gRPC port or h2load is missing."""
+    reason = grpc_unreachable(peer)
+    if reason is None and cell.path in H2LOAD_PATHS and h2load.h2load_path() is None:
+        log.warning("%s", h2load.INSTALL_HINT)
+        reason = "h2load is not installed (sudo apt-get install -y nghttp2-client)"
+    if reason is None:
+        return False
+    cell.error = SKIPPED + reason
+    log.info("%s %s %s c=%d %s", cell.peer, cell.model, cell.path, cell.concurrency, cell.error)
+    return True
+
+
+def _run_grpc_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
+    """h2load against the gRPC port, guarded by :mod:`bench.grpc_cell` against gRPC errors
+    passing for throughput."""
+    if _skip_grpc(peer, cell):
+        return
+    grpc_cell = GrpcCell.prepare(peer, cell, settings.results_dir, settings.timeout_s)
+    if settings.warmup_s > 0:
+        grpc_cell.run(settings.warmup_s)
+    before = grpc_cell.counters()
+    runs: list[h2load.Run] = []
+    with ServerSide(peer, cell):
+        for _ in range(settings.reps):
+            runs.append(grpc_cell.run(settings.duration_s))
+            cell.reps.append(runs[-1].rep)
+    problem = server_problem(before, grpc_cell.counters(), runs)
+    if problem:
+        raise RuntimeError(f"gRPC answers do not add up: {problem}")
+
+
 def _run_py_cell(peer: Peer, cell: Cell, settings: RunSettings) -> None:
     processes, threads = cell.concurrency, 1
-    if cell.path == "grpc":
-        reason = grpc_unreachable(peer)
-        if reason is not None:
-            cell.error = SKIPPED + reason
-            log.info("%s %s grpc c=%d %s", cell.peer, cell.model, cell.concurrency, cell.error)
+    if cell.path == "py-grpc":
+        if _skip_grpc(peer, cell):
             return
         processes, threads = pyclient.grpc_layout(cell.concurrency, settings.py_client_max)
         cell.client = pyclient.GRPC_CLIENT_LABEL.format(p=processes, t=threads)

@@ -28,6 +28,8 @@ Labels = tuple[tuple[str, str], ...]
 OURS_BATCH_METRIC = "model_server_batch_size_rows"
 TRITON_ROWS_METRIC = "nv_inference_count"
 TRITON_EXECS_METRIC = "nv_inference_exec_count"
+OURS_REQUESTS_METRIC = "model_server_requests_total"
+TRITON_SUCCESS_METRIC, TRITON_FAILURE_METRIC = "nv_inference_request_success", "nv_inference_request_failure"
 
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[Labels, float]]]:
@@ -75,6 +77,35 @@ def triton_batch_counters(metrics_text: str, model: str) -> BatchCounters:
     return BatchCounters(
         rows=total(samples, TRITON_ROWS_METRIC, model),
         executions=total(samples, TRITON_EXECS_METRIC, model),
+    )
+
+
+@dataclass(frozen=True)
+class RequestCounters:
+    """Inference calls of one model the server answered so far: successes and failures."""
+
+    success: float
+    failure: float
+
+
+def ours_grpc_requests(metrics_text: str, model: str) -> RequestCounters:
+    """This server's gRPC calls of ``model`` (``protocol="grpc"``; status 200 is a success)."""
+    success = failure = 0.0
+    for labels, value in parse_prometheus(metrics_text).get(OURS_REQUESTS_METRIC, []):
+        found = dict(labels)
+        if found.get("model") == model and found.get("protocol") == "grpc":
+            if found.get("status") == "200":
+                success += value
+            else:
+                failure += value
+    return RequestCounters(success, failure)
+
+
+def triton_requests(metrics_text: str, model: str) -> RequestCounters:
+    """Triton's inference requests of ``model`` (every protocol: the cell sends only gRPC)."""
+    samples = parse_prometheus(metrics_text)
+    return RequestCounters(
+        total(samples, TRITON_SUCCESS_METRIC, model), total(samples, TRITON_FAILURE_METRIC, model)
     )
 
 

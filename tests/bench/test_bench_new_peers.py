@@ -14,13 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bench.h2load import h2load_path, h2load_version
 from bench.models import REFERENCE_MODELS, build_models, sample_input
 from bench.more_peers import LitServePeer, PyTritonPeer
 from bench.ort_options import session_options
 from bench.payloads import v2_json_body
 from bench.peers import HOST, Peer, PeerOptions, http_request
 from bench.runner import RunSettings, grpc_unreachable, run_cell
-from bench.stats import Cell
+from bench.stats import SKIPPED, Cell
 from bench.venv import LITSERVE, PYTRITON, is_current, venv_bin
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def pytriton(tmp_path: Path, tabular: Path) -> Iterator[PyTritonPeer]:
 
 
 @pytriton_venv
-def test_grpc_generator_against_pytriton(pytriton: PyTritonPeer, tabular: Path) -> None:
+def test_grpc_generators_against_pytriton(pytriton: PyTritonPeer, tabular: Path, tmp_path: Path) -> None:
     import tritonclient.grpc as grpcclient
 
     rows = sample_input(SPEC, 1)
@@ -75,16 +76,24 @@ def test_grpc_generator_against_pytriton(pytriton: PyTritonPeer, tabular: Path) 
     np.testing.assert_array_equal(result.as_numpy("label"), label)
     np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=1e-6)
 
-    cell = Cell("pytriton", "tabular", "grpc", 4, served_as="tabular")
-    settings = RunSettings(duration_s=1.0, reps=1, warmup_s=0.5, py_client_max=2, timeout_s=20.0)
-    run_cell(pytriton, cell, settings, {"tabular": tabular})
-    assert cell.ok, cell.error
-    assert cell.client == "Python tritonclient.grpc, 2 process(es) x 2 thread(s)"
-    assert cell.reps[0].requests > 0 and cell.errors == 0
-    assert cell.mean_batch_rows == pytest.approx(1.0)  # from Triton's metrics: no batcher on this model
+    settings = RunSettings(
+        duration_s=1.0, reps=1, warmup_s=0.5, py_client_max=2, timeout_s=20.0, results_dir=tmp_path
+    )
+    clients = {"py-grpc": "Python tritonclient.grpc, 2 process(es) x 2 thread(s)"}
+    if h2load_path() is not None:
+        clients["grpc"] = f"h2load {h2load_version()}, 2 thread(s)"  # checked against Triton's counters
+    for path, client in clients.items():
+        cell = Cell("pytriton", "tabular", path, 4, served_as="tabular")
+        run_cell(pytriton, cell, settings, {"tabular": tabular})
+        assert cell.ok, cell.error
+        assert cell.client == client
+        assert cell.reps[0].requests > 0 and cell.errors == 0
+        assert cell.mean_batch_rows == pytest.approx(1.0)  # from Triton's metrics: no batcher on this model
 
 
-def test_grpc_cell_is_skipped_without_a_listener(tmp_path: Path) -> None:
+def test_grpc_cell_is_skipped_without_a_listener_or_h2load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     peer = Peer(tmp_path, PeerOptions())
     assert grpc_unreachable(peer) == "peer has no gRPC endpoint"
     with socket.socket() as sock:  # a port that was free a moment ago and has no listener
@@ -95,6 +104,15 @@ def test_grpc_cell_is_skipped_without_a_listener(tmp_path: Path) -> None:
     cell = Cell("ours", "tabular", "grpc", 32, served_as="tabular")
     run_cell(peer, cell, RunSettings(duration_s=1.0, reps=1), {})
     assert cell.skipped and not cell.reps and cell.error is not None and "no gRPC frontend" in cell.error
+    monkeypatch.setenv("PATH", str(tmp_path))  # no h2load on it
+    with socket.create_server((HOST, 0)) as listener:
+        peer.grpc_port = listener.getsockname()[1]
+        cell = Cell("ours", "tabular", "grpc", 32, served_as="tabular")
+        run_cell(peer, cell, RunSettings(duration_s=1.0, reps=1), {})
+    assert (
+        cell.skipped
+        and cell.error == SKIPPED + "h2load is not installed (sudo apt-get install -y nghttp2-client)"
+    )
 
 
 @litserve_venv

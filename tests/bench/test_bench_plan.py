@@ -53,7 +53,9 @@ def test_sweep_plan_for_mlserver_and_ort(tmp_path: Path) -> None:
     mls = MLServerPeer(tmp_path, PeerOptions(workers=2), tmp_path, tmp_path / "python", parallel=True)
     assert mls.name == "mlserver-parallel" and mls.parallel_workers == 2
     cells = plan(mls, ["tabular", "cnn"], settings)
-    assert {c.path for c in cells} == {"v2-json"} and len(cells) == 8
+    assert {c.path for c in cells} == {"v2-json"} and len(cells) == 8  # gRPC: opt-in for parallel
+    in_process = MLServerPeer(tmp_path, PeerOptions(), tmp_path, tmp_path / "python", parallel=False)
+    assert {c.path for c in plan(in_process, ["tabular"], settings)} == {"v2-json", "grpc"}
     ort_cells = plan(OrtPeer(tmp_path, PeerOptions()), ["mlp", "cnn"], settings)
     assert sorted((c.model, c.batch) for c in ort_cells) == [("cnn", 1), ("mlp", 1), ("mlp", 32)]
 
@@ -69,6 +71,9 @@ def test_default_plan_has_every_cell_the_targets_need(tmp_path: Path) -> None:
         assert ("ours", "mlp", "v2-binary", 32, batching) in keys
     assert ("pytriton", "mlp", "v2-binary", 32, True) in keys  # Triton's dynamic batcher
     assert ("ours", "cnn", "v2-json", 8, False) in keys and ("mlserver", "cnn", "v2-json", 8, False) in keys
+    assert ("mlserver", "tabular", "grpc", 32, False) in keys
+    assert not any(k[0] == "mlserver-parallel" and k[2] == "grpc" for k in keys)
+    assert not any(k[2] == "py-grpc" for k in keys)  # the Python gRPC client only when asked for
     for peer in ("ours", "pytriton"):  # gRPC against REST binary
         assert (peer, "tabular", "grpc", 32, False) in keys and (
             peer,
@@ -102,6 +107,21 @@ def test_only_selects_cells(tmp_path: Path) -> None:
     peer = PyTritonPeer(tmp_path, PeerOptions(), {"mlp": tmp_path / "mlp.onnx"}, tmp_path / "python")
     cells = plan(peer, ["mlp"], settings)
     assert [(c.served_as, c.concurrency) for c in cells] == [("mlp", 32), ("mlp_batched", 32)]
+
+
+def test_py_grpc_and_off_plan_cells_when_named(tmp_path: Path) -> None:
+    peer = OurServer(tmp_path, PeerOptions(), tmp_path / "repo", ["tabular"])
+    only = RunSettings(
+        only=("tabular:grpc:32", "tabular:v2-binary:32", "tabular:py-grpc:32", "tabular:v2-json:8")
+    )
+    keys = [(c.path, c.concurrency) for c in plan(peer, ["tabular"], only)]
+    assert sorted(keys) == [("grpc", 32), ("py-grpc", 32), ("v2-binary", 32), ("v2-json", 8)]
+    keys = [(c.path, c.concurrency) for c in plan(peer, ["tabular"], RunSettings(paths=("py-grpc",)))]
+    assert keys == [("py-grpc", 32)]  # at the gRPC cell's planned levels
+    sweep = RunSettings(concurrency=(1, 8))
+    assert "py-grpc" not in {c.path for c in plan(peer, ["tabular"], sweep)}
+    parallel = MLServerPeer(tmp_path, PeerOptions(), tmp_path, tmp_path / "python", parallel=True)
+    assert [c.path for c in plan(parallel, ["tabular"], RunSettings(only=("*:grpc:32",)))] == ["grpc"]
 
 
 def test_grpc_layout() -> None:

@@ -79,6 +79,9 @@ def test_targets() -> None:
     assert statuses[3:6] == ["met", "missed by 21%", "missed by 12%"]
     # CNN: 100 < 2 x 85
     assert statuses[6] == "missed by 41%"
+    assert statuses[7] == "not measured" and "gRPC" in verdicts[7].target  # issue 11: no gRPC cell
+    with_grpc = evaluate_targets([*sample_cells(), cell("ours", "tabular", "grpc", 32, 4500)])
+    assert with_grpc[7].status == "missed by 10%"  # 4500 req/s against REST binary's 5000
 
 
 def test_targets_not_measured_without_cells() -> None:
@@ -115,7 +118,8 @@ def test_render_markdown_smoke() -> None:
             "mlserver": {"label": "MLServer", "memory": {"rss_bytes": 300 * 2**20, "processes": 1}},
         },
         "cells": [c.to_json() for c in sample_cells()]
-        + [Cell("ours", "tabular", "grpc", 32, error=SKIPPED + "no gRPC frontend").to_json()],
+        + [Cell("ours", "tabular", "grpc", 32, error=SKIPPED + "no gRPC frontend").to_json()]
+        + [cell("ours", "tabular", "py-grpc", 32, 900).to_json()],
     }
     text = render_markdown(results)
     assert text.startswith(MD_START) and text.rstrip().endswith(MD_END)
@@ -124,6 +128,8 @@ def test_render_markdown_smoke() -> None:
     assert (
         "| v2-binary (wrk) +batching | 32 | pytriton | 530 | 530 | 1.00 | 3.00 | 0 | 22.3 | — | — |" in text
     )
-    assert "| grpc (tritonclient.grpc) | 32 | ours | skipped: no gRPC frontend |" in text
+    assert "| grpc (h2load) | 32 | ours | skipped: no gRPC frontend |" in text
+    assert "| py-grpc (tritonclient.grpc) | 32 | ours | 900 |" in text
+    assert "- grpc rows (h2load):" in text and "- py-grpc rows" in text
     assert "300 MiB" in text
     assert "### Targets" in text
