@@ -33,6 +33,10 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 
+# The status recorded for a request whose client left before the answer (nginx's 499).
+CLIENT_CLOSED = 499
+
+
 class Tracker:
     """What one inference request's metrics need, filled in as the request goes.
 
@@ -62,6 +66,8 @@ class Tracker:
             status = 200
         elif isinstance(exc, ApiError):
             status = 400 if (self.protocol == "v2" and exc.status == 422) else exc.status
+        elif isinstance(exc, asyncio.CancelledError):
+            status = CLIENT_CLOSED  # the client gave up (a cancelled gRPC call): not a server error
         else:
             status = 500
         key = (self.model or "unknown", self.version, self.protocol, status)
