@@ -331,16 +331,23 @@ class CoordinatorCore:
             )
             return
         self.regions[region.name] = region
-        self._changed()
-        self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
+        self._regions_changed(peer, msg.req)
 
     def _shm_unregister(self, peer: bytes, msg: ClientShmUnregister) -> None:
         if msg.name:
             self.regions.pop(msg.name, None)
         else:
             self.regions.clear()
+        self._regions_changed(peer, msg.req)
+
+    def _regions_changed(self, peer: bytes, req: int) -> None:
+        """Publish the new table before the reply leaves: by the time the client has its answer
+        and reaches another frontend, that frontend has the table queued and reads it before
+        resolving a region (``CoordinatorClient.catch_up``), so an unregistered region is never
+        used through a frontend that has not heard of it yet."""
         self._changed()
-        self._reply(peer, ClientReply(msg.req, 200, table=self.snapshot()))
+        self.publish_if_due(self.clock(), force=True)
+        self._reply(peer, ClientReply(req, 200, table=self.snapshot()))
 
     def request_load(
         self,

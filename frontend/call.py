@@ -199,6 +199,7 @@ def check_outputs_against(call: InferenceCall, schema: ModelSchema) -> None:
 
 async def resolve_region(coordinator: CoordinatorClient, ref: RegionRef, where: str) -> TensorRef:
     """A descriptor of ``ref`` in the registered region, or a 400 naming what is wrong."""
+    coordinator.catch_up()  # a region unregistered through another frontend a moment ago
     region = coordinator.table.regions.get(ref.name)
     if region is None:
         # Registered through another frontend process a moment ago, and this process's

@@ -77,6 +77,7 @@ class CoordinatorClient:
         self.on_table: Callable[[Table], None] | None = None
         self.dealer: zmq.asyncio.Socket | None = None
         self.sub: zmq.asyncio.Socket | None = None
+        self._sub_now: zmq.Socket[bytes] | None = None
 
     async def start(self) -> None:
         self.dealer = endpoints.configure(self.ctx.socket(zmq.DEALER), linger_ms=0)
@@ -86,6 +87,9 @@ class CoordinatorClient:
         # Only the newest snapshot matters; older ones queued behind it are stale.
         self.sub.setsockopt(zmq.CONFLATE, 1)
         self.sub.connect(endpoints.events_endpoint(self.run_dir))
+        # The same socket for reads that must not wait (catch_up); the loop's reader task owns it
+        # otherwise, and both run on this event loop's thread.
+        self._sub_now = zmq.Socket.shadow(self.sub.underlying)
         self._tasks = [
             asyncio.create_task(self._read_replies(), name="coordinator-replies"),
             asyncio.create_task(self._read_table(), name="coordinator-table"),
@@ -100,6 +104,7 @@ class CoordinatorClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(CoordinatorUnavailable("frontend is shutting down"))
+        self._sub_now = None  # a shadow: it does not own the socket closed below
         for sock in (self.dealer, self.sub):
             if sock is not None:
                 sock.close(linger=0)
@@ -111,14 +116,29 @@ class CoordinatorClient:
         if self.on_table is not None:
             self.on_table(self.table)
 
+    def _apply_payload(self, payload: bytes) -> None:
+        try:
+            self._apply(table_decoder.decode(payload))
+        except Exception as exc:
+            log.error("bad table snapshot: %s", exc)
+
     async def _read_table(self) -> None:
         assert self.sub is not None
         while True:
-            payload = await self.sub.recv()
+            self._apply_payload(await self.sub.recv())
+
+    def catch_up(self) -> None:
+        """Apply a table already published but not read yet by this loop (which may have the
+        client's next request ready in the same iteration): no waiting, a few µs."""
+        sub = self._sub_now
+        if sub is None or sub.closed:
+            return
+        while True:
             try:
-                self._apply(table_decoder.decode(payload))
-            except Exception as exc:
-                log.error("bad table snapshot: %s", exc)
+                payload = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._apply_payload(payload)
 
     async def _read_replies(self) -> None:
         assert self.dealer is not None

@@ -650,6 +650,20 @@ def test_shared_memory_registry(world: World) -> None:
     assert world.core.snapshot().regions == []
 
 
+def test_region_changes_are_published_before_they_are_answered(world: World) -> None:
+    """Another frontend must have the new table queued before the client has its answer."""
+    world.take()
+    world.core.handle_client(CLIENT, ClientShmRegister(1, ShmRegion("in0", "client_in0", 0, 64)))
+    world.core.handle_client(CLIENT, ClientShmUnregister(2, "in0"))
+    out = world.take()
+    kinds = [target[0] for target, _ in out]
+    assert kinds == ["publish", "client", "publish", "client"]
+    published_regions = [[r.name for r in msg.regions] for target, msg in out if target[0] == "publish"]
+    assert published_regions == [["in0"], []]
+    answered = [msg.table.epoch for target, msg in out if target[0] == "client"]
+    assert answered == [msg.epoch for target, msg in out if target[0] == "publish"]
+
+
 def test_shared_memory_registrations_are_capped(tmp_path: Path) -> None:
     world = World(tmp_path, max_shm_regions=2)
     for i in range(2):

@@ -318,6 +318,36 @@ def test_region_registered_through_one_frontend_is_usable_at_once_through_any(
             shm.destroy_shared_memory_region(handle)
 
 
+def test_region_unregistered_through_one_frontend_is_refused_at_once_through_any(
+    repository: Path, v2server: Server
+) -> None:
+    """The other direction: once unregister has answered, no frontend may still use the region
+    (the client may reuse that memory). Fresh connections spread over the frontends."""
+    url = f"127.0.0.1:{v2server.port}"
+    x = np.random.default_rng(5).normal(size=(2, 3)).astype(np.float32)
+    for attempt in range(12):
+        name = f"gone{attempt}"
+        key = f"/ms_test_{name}_{secrets.token_hex(3)}"
+        handle = shm.create_shared_memory_region(name, key, x.nbytes)
+        try:
+            shm.set_shared_memory_region(handle, [x])
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as registrar:
+                registrar.register_system_shared_memory(name, key, x.nbytes)
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as warm:
+                inp = tc.InferInput("x", [2, 3], "FP32")
+                inp.set_shared_memory(name, x.nbytes)
+                warm.infer("linear", [inp])  # every frontend that serves this has it in its table
+            with contextlib.closing(tc.InferenceServerClient(url=url)) as cleaner:
+                cleaner.unregister_system_shared_memory(name)
+            with (
+                contextlib.closing(tc.InferenceServerClient(url=url)) as user,
+                pytest.raises(InferenceServerException, match="not registered"),
+            ):
+                user.infer("linear", [inp])
+        finally:
+            shm.destroy_shared_memory_region(handle)
+
+
 def test_statistics_extension_counts_every_frontend_and_worker(
     client: tc.InferenceServerClient, repository: Path, v2server: Server
 ) -> None:
