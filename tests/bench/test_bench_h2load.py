@@ -20,6 +20,7 @@ from bench.runner import RunSettings, run_cell
 from bench.serverstats import RequestCounters, ours_grpc_requests, triton_requests
 from bench.stats import Cell
 from frontend.grpc import grpc_service_pb2 as pb
+from tests.bench.conftest import running
 
 SPEC = REFERENCE_MODELS["tabular"]
 
@@ -163,13 +164,7 @@ def tabular(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def ours(tmp_path: Path, tabular: Path) -> Iterator[OurServer]:
     repository = layout_repository({"tabular": tabular}, tmp_path / "repository")
-    peer = OurServer(tmp_path, PeerOptions(workers=1, frontends=1), repository, ["tabular"])
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
-    assert peer.proc is None
+    yield from running(OurServer(tmp_path, PeerOptions(workers=1, frontends=1), repository, ["tabular"]))
 
 
 @pytest.mark.integration

@@ -23,6 +23,7 @@ from bench.peers import HOST, Peer, PeerOptions, http_request
 from bench.runner import RunSettings, grpc_unreachable, run_cell
 from bench.stats import SKIPPED, Cell
 from bench.venv import LITSERVE, PYTRITON, is_current, venv_bin
+from tests.bench.conftest import running
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +50,8 @@ def expected(model: Path, rows: np.ndarray) -> list[np.ndarray]:
 
 @pytest.fixture
 def pytriton(tmp_path: Path, tabular: Path) -> Iterator[PyTritonPeer]:
-    peer = PyTritonPeer(
-        tmp_path, PeerOptions(workers=2), {"tabular": tabular}, venv_bin("python", PYTRITON.venv)
-    )
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
-    assert peer.proc is None
+    python = venv_bin("python", PYTRITON.venv)
+    yield from running(PyTritonPeer(tmp_path, PeerOptions(workers=2), {"tabular": tabular}, python))
 
 
 @pytriton_venv

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,18 @@ class Server:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def started(
+    srv: Server, models: Iterable[str] = (), headers: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """``srv`` started with version 1 of each of ``models`` loaded over /v1; always stopped."""
+    try:
+        srv.start()
+        for model in models:
+            r = srv.client.post("/v1/models/load", json={"model_id": model, "version": "1"}, headers=headers)
+            assert r.status_code == 200, r.text
+        yield srv
+    finally:
+        srv.stop()

@@ -26,7 +26,7 @@ from tests import models
 from tests.models import ort_run
 
 from .regions import client_region
-from .server import Server
+from .server import Server, started
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,8 @@ def gserver(repository: Path) -> Iterator[Server]:
         MODEL_SERVER_GRPC_STREAM_IDLE_S=2,
         MODEL_SERVER_ALLOWED_LOCAL_ROOTS=repository.parent,
     )
-    try:
-        srv.start()
-        for model, version in (("linear", "1"), ("multi", "1"), ("types", "1")):
-            r = srv.client.post("/v1/models/load", json={"model_id": model, "version": version})
-            assert r.status_code == 200, r.text
+    with started(srv, ["linear", "multi", "types"]):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
@@ -405,17 +399,8 @@ def secured(repository: Path) -> Iterator[Server]:
         MODEL_SERVER_INFERENCE_TOKENS=INFER,
         MODEL_SERVER_ALLOWED_LOCAL_ROOTS=repository.parent,
     )
-    try:
-        srv.start()
-        r = srv.client.post(
-            "/v1/models/load",
-            json={"model_id": "linear", "version": "1"},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        )
-        assert r.status_code == 200, r.text
+    with started(srv, ["linear"], headers={"Authorization": f"Bearer {ADMIN}"}):
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_tokens_and_scopes(secured: Server, repository: Path) -> None:

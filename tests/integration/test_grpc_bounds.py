@@ -17,7 +17,7 @@ import tritonclient.grpc as tg
 
 from tests.models import ort_run
 
-from .server import Server
+from .server import Server, started
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +43,8 @@ def bounded(repository: Path) -> Iterator[Server]:
         MODEL_SERVER_GRPC_MAX_CONCURRENT_RPCS=1,
         MODEL_SERVER_ALLOWED_LOCAL_ROOTS=repository.parent,
     )
-    try:
-        srv.start()
-        r = srv.client.post("/v1/models/load", json={"model_id": "linear", "version": "1"})
-        assert r.status_code == 200, r.text
+    with started(srv, ["linear"]):
         yield srv
-    finally:
-        srv.stop()
 
 
 def _infer(url: str, repository: Path) -> None:

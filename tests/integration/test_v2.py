@@ -290,6 +290,28 @@ def test_shared_memory_inputs_and_outputs(
         client.infer("linear", [inp])
 
 
+def _fresh(url: str) -> contextlib.closing[tc.InferenceServerClient]:
+    """A client on a new connection: SO_REUSEPORT may hand it to any frontend."""
+    return contextlib.closing(tc.InferenceServerClient(url=url))
+
+
+@contextlib.contextmanager
+def _region_via_fresh_connection(url: str, name: str, x: np.ndarray) -> Iterator[tc.InferInput]:
+    """A client region holding ``x``, registered over a new connection, and the input naming it;
+    the segment is destroyed on exit (unregistering it is the caller's part)."""
+    key = f"/ms_test_{name}_{secrets.token_hex(3)}"
+    handle = shm.create_shared_memory_region(name, key, x.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [x])
+        with _fresh(url) as registrar:
+            registrar.register_system_shared_memory(name, key, x.nbytes)
+        inp = tc.InferInput("x", list(x.shape), "FP32")
+        inp.set_shared_memory(name, x.nbytes)
+        yield inp
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
 def test_region_registered_through_one_frontend_is_usable_at_once_through_any(
     repository: Path, v2server: Server
 ) -> None:
@@ -301,21 +323,14 @@ def test_region_registered_through_one_frontend_is_usable_at_once_through_any(
     expected = ort_run(repository / "linear" / "1" / "model.onnx", {"x": x})
     for attempt in range(12):
         name = f"hop{attempt}"
-        key = f"/ms_test_{name}_{secrets.token_hex(3)}"
-        handle = shm.create_shared_memory_region(name, key, x.nbytes)
-        try:
-            shm.set_shared_memory_region(handle, [x])
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as registrar:
-                registrar.register_system_shared_memory(name, key, x.nbytes)
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as user:
-                inp = tc.InferInput("x", [2, 3], "FP32")
-                inp.set_shared_memory(name, x.nbytes)
-                result = user.infer("linear", [inp])
-            np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
-        finally:
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as cleaner:
-                cleaner.unregister_system_shared_memory(name)
-            shm.destroy_shared_memory_region(handle)
+        with _region_via_fresh_connection(url, name, x) as inp:
+            try:
+                with _fresh(url) as user:
+                    result = user.infer("linear", [inp])
+                np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-6)
+            finally:
+                with _fresh(url) as cleaner:
+                    cleaner.unregister_system_shared_memory(name)
 
 
 def test_region_unregistered_through_one_frontend_is_refused_at_once_through_any(
@@ -327,25 +342,13 @@ def test_region_unregistered_through_one_frontend_is_refused_at_once_through_any
     x = np.random.default_rng(5).normal(size=(2, 3)).astype(np.float32)
     for attempt in range(12):
         name = f"gone{attempt}"
-        key = f"/ms_test_{name}_{secrets.token_hex(3)}"
-        handle = shm.create_shared_memory_region(name, key, x.nbytes)
-        try:
-            shm.set_shared_memory_region(handle, [x])
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as registrar:
-                registrar.register_system_shared_memory(name, key, x.nbytes)
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as warm:
-                inp = tc.InferInput("x", [2, 3], "FP32")
-                inp.set_shared_memory(name, x.nbytes)
+        with _region_via_fresh_connection(url, name, x) as inp:
+            with _fresh(url) as warm:
                 warm.infer("linear", [inp])  # every frontend that serves this has it in its table
-            with contextlib.closing(tc.InferenceServerClient(url=url)) as cleaner:
+            with _fresh(url) as cleaner:
                 cleaner.unregister_system_shared_memory(name)
-            with (
-                contextlib.closing(tc.InferenceServerClient(url=url)) as user,
-                pytest.raises(InferenceServerException, match="not registered"),
-            ):
+            with _fresh(url) as user, pytest.raises(InferenceServerException, match="not registered"):
                 user.infer("linear", [inp])
-        finally:
-            shm.destroy_shared_memory_region(handle)
 
 
 def test_statistics_extension_counts_every_frontend_and_worker(
