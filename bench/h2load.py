@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.loadgen import tool_version
 from bench.models import ReferenceModel, sample_input
 from bench.stats import Rep, percentile
 from frontend.grpc import grpc_service_pb2 as pb
@@ -46,12 +47,7 @@ def h2load_path() -> str | None:
 
 
 def h2load_version() -> str:
-    exe = h2load_path()
-    if exe is None:
-        return "not installed"
-    result = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
-    match = re.search(r"nghttp2/(\S+)", result.stdout + result.stderr)
-    return match.group(1) if match else "unknown"
+    return tool_version("h2load", r"nghttp2/(\S+)")
 
 
 def h2load_threads(concurrency: int, max_threads: int = 2) -> int:

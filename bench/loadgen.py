@@ -34,14 +34,18 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def wrk_version() -> str:
-    exe = wrk_path()
+def tool_version(name: str, pattern: str) -> str:
+    """What a load generator's ``--version`` says (``pattern``'s group 1), for the report."""
+    exe = shutil.which(name)
     if exe is None:
         return "not installed"
     result = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
-    first = (result.stdout or result.stderr).strip().splitlines()
-    match = re.search(r"wrk\s+(\S+)", first[0]) if first else None
+    match = re.search(pattern, result.stdout + result.stderr)
     return match.group(1) if match else "unknown"
+
+
+def wrk_version() -> str:
+    return tool_version("wrk", r"wrk\s+(\S+)")
 
 
 def wrk_threads(concurrency: int, max_threads: int = 2) -> int:
