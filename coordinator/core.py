@@ -236,11 +236,16 @@ class CoordinatorCore:
     def publish_if_due(self, now: float, force: bool = False) -> None:
         """Publish on change, and at least once per heartbeat interval for late subscribers."""
         if force or self._dirty or now - self._last_publish >= self.settings.heartbeat_interval_s:
-            if self._dirty:
-                self.epoch += 1
-            self._dirty = False
-            self._last_publish = now
-            self.outbox.append((("publish", None), self.snapshot()))
+            self._publish(now)
+
+    def _publish(self, now: float) -> TableSnapshot:
+        if self._dirty:
+            self.epoch += 1
+        self._dirty = False
+        self._last_publish = now
+        snapshot = self.snapshot()
+        self.outbox.append((("publish", None), snapshot))
+        return snapshot
 
     def replicas_for(self, entry: ModelEntry) -> int:
         return entry.config.replicas or self.settings.model_replicas
@@ -346,8 +351,7 @@ class CoordinatorCore:
         resolving a region (``CoordinatorClient.catch_up``), so an unregistered region is never
         used through a frontend that has not heard of it yet."""
         self._changed()
-        self.publish_if_due(self.clock(), force=True)
-        self._reply(peer, ClientReply(req, 200, table=self.snapshot()))
+        self._reply(peer, ClientReply(req, 200, table=self._publish(self.clock())))
 
     def request_load(
         self,

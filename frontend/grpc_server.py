@@ -215,7 +215,7 @@ class GrpcFrontend:
         return request
 
     def _guarded(self, name: str, method: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
-        async def handle(requests: Any, context: Any) -> Any:
+        async def handle(_requests: Any, context: Any) -> Any:  # the message is read via context
             await self._enter(name, context)  # refused before waiting for the message, as REST
             request = await self._one_message(context)
             self.activity.active += 1
@@ -237,7 +237,8 @@ class GrpcFrontend:
         pending = aiter(requests)
         while True:
             try:
-                request = await asyncio.wait_for(anext(pending), idle)
+                async with asyncio.timeout(idle):  # no task per message, unlike wait_for
+                    request = await anext(pending)
             except StopAsyncIteration:
                 return
             except TimeoutError:

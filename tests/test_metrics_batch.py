@@ -22,6 +22,7 @@ import pytest
 
 from ipc.arena import pid_alive
 from model_server import metrics
+from tests.metrics_process import run_with_metrics_dir
 
 # Durations on bucket bounds (le is inclusive), between them, past the last bound, and zero.
 OBSERVE = """
@@ -85,30 +86,15 @@ print(json.dumps(sorted(out)))
 """
 
 
-def _python(code: str, cwd: Path, directory: Path, *args: str) -> str:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def test_batched_writes_sum_to_the_same_samples_as_direct_writes(tmp_path: Path) -> None:
     batched, direct = tmp_path / "batched", tmp_path / "direct"
     batched.mkdir()
     direct.mkdir()
     for seed in ("1", "2"):  # two frontends each
-        _python(OBSERVE, tmp_path, batched, "batched", seed)
-        _python(OBSERVE, tmp_path, direct, "direct", seed)
-    got = json.loads(_python(READ, tmp_path, batched))
-    want = json.loads(_python(READ, tmp_path, direct))
+        run_with_metrics_dir(OBSERVE, tmp_path, batched, "batched", seed)
+        run_with_metrics_dir(OBSERVE, tmp_path, direct, "direct", seed)
+    got = json.loads(run_with_metrics_dir(READ, tmp_path, batched))
+    want = json.loads(run_with_metrics_dir(READ, tmp_path, direct))
     requests = [s for s in want if s[0] == "model_server_requests_total"]
     assert sum(s[2] for s in requests) == 800
     assert [s[:2] for s in got] == [s[:2] for s in want]

@@ -11,10 +11,9 @@ of ``stats.collect`` needs no hand run in the repository (which is how three
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.metrics_process import run_with_metrics_dir
 
 WRITE = """
 import sys
@@ -36,27 +35,12 @@ print(json.dumps(stats.model_stats([("m", "1"), ("never", "1")])))
 """
 
 
-def _python(code: str, cwd: Path, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def test_statistics_sum_every_process(tmp_path: Path) -> None:
     directory = tmp_path / "metrics"
     directory.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     for last in ("1000", "3000"):  # two "frontends"
-        _python(WRITE, tmp_path, env, last)
-    body = json.loads(_python(READ, tmp_path, env))
+        run_with_metrics_dir(WRITE, tmp_path, directory, last)
+    body = json.loads(run_with_metrics_dir(READ, tmp_path, directory))
     m, never = body["model_stats"]
     assert (m["name"], m["version"]) == ("m", "1")
     stats = m["inference_stats"]

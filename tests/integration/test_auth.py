@@ -25,6 +25,7 @@ from frontend.auth import AuthScope
 from tests.frontend.test_auth import ROUTE_SCOPES
 from tests.models import ort_run
 
+from .readme_examples import README, fraud_expected, printed_numbers
 from .server import Server
 
 pytestmark = pytest.mark.integration
@@ -253,28 +254,15 @@ def test_readme_security_example_runs(
     secured: Server, repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The README's Security example (tritonclient with tokens from files) runs as written."""
-    import contextlib as ctx
-    import io
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = README.read_text()
     security = readme[readme.index("## Security") : readme.index("## Settings")]
     blocks = re.findall(r"```py\n(.*?)```", security, re.S)
     assert len(blocks) == 1
     (tmp_path / "admin-tokens").write_text(ADMIN + "\n")
     (tmp_path / "inference-tokens").write_text(INFER + "\n")
     monkeypatch.chdir(tmp_path)
-    printed = io.StringIO()
-    with ctx.redirect_stdout(printed):
-        exec(
-            compile(blocks[0].replace("localhost:8001", f"127.0.0.1:{secured.port}"), "README.md", "exec"), {}
-        )
-    feeds = {
-        "feature1": np.array([[1.0], [3.0]], np.float32),
-        "feature2": np.array([[2.0], [4.0]], np.float32),
-    }
-    expected = ort_run(repository / "fraud_detection" / "2.0.0" / "model.onnx", feeds)["fraud_probability"]
-    values = [float(v) for v in re.findall(r"\d+\.\d+", printed.getvalue())]
-    np.testing.assert_allclose(values, expected[:, 0], rtol=1e-5)
+    values, _ = printed_numbers(blocks[0].replace("localhost:8001", f"127.0.0.1:{secured.port}"))
+    np.testing.assert_allclose(values, fraud_expected(repository), rtol=1e-5)
 
 
 def _wait_for_log(server: Server, pattern: str) -> str:

@@ -4,7 +4,6 @@ against the real stack; every inference is compared with an in-test onnxruntime 
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import secrets
 import signal
@@ -25,6 +24,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tests import models
 from tests.models import ort_run
 
+from .readme_examples import README, fraud_expected, printed_numbers
 from .regions import client_region
 from .server import Server, started
 
@@ -369,22 +369,12 @@ def test_a_cancelled_call_counts_as_cancelled_not_as_a_server_error(gserver: Ser
 
 def test_readme_grpc_example_runs(gserver: Server, repository: Path) -> None:
     """The README's gRPC example (fenced ```python grpc) runs as written and prints ORT's answer."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```python grpc\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```python grpc\n(.*?)```", README.read_text(), re.S)
     assert blocks
     loaded = gserver.client.post("/v1/models/load", json={"model_id": "fraud_detection", "version": "2.0.0"})
     assert loaded.status_code == 200, loaded.text
-    code = "\n".join(blocks).replace("localhost:8002", gserver.grpc_url)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {})
-    feeds = {
-        "feature1": np.array([[1.0], [3.0]], np.float32),
-        "feature2": np.array([[2.0], [4.0]], np.float32),
-    }
-    expected = ort_run(repository / "fraud_detection" / "2.0.0" / "model.onnx", feeds)["fraud_probability"]
-    values = [float(v) for v in re.findall(r"\d+\.\d+", printed.getvalue())]
-    np.testing.assert_allclose(values, expected[:, 0], rtol=1e-5)
+    values, _ = printed_numbers("\n".join(blocks).replace("localhost:8002", gserver.grpc_url))
+    np.testing.assert_allclose(values, fraud_expected(repository), rtol=1e-5)
 
 
 # --- access control ---------------------------------------------------------------------------------

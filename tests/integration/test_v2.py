@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tests import models
 from tests.models import ort_run
 
+from .readme_examples import README, fraud_expected, printed_numbers
 from .regions import client_region
 from .server import Server
 
@@ -536,12 +537,9 @@ def test_shm_is_off_by_default(server: Server) -> None:
 
 def test_readme_tritonclient_examples_run(v2server: Server, repository: Path) -> None:
     """The README's Python examples (JSON, binary, shared memory) run as written and print ORT's answer."""
-    import contextlib as ctx
-    import io
     import re
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2
     loaded = v2server.client.post("/v1/models/load", json={"model_id": "fraud_detection", "version": "2.0.0"})
     assert loaded.status_code == 200, loaded.text
@@ -549,15 +547,7 @@ def test_readme_tritonclient_examples_run(v2server: Server, repository: Path) ->
     code = code.replace('"/fraud_in"', f'"/fraud_in_{secrets.token_hex(3)}"').replace(
         '"/fraud_out"', f'"/fraud_out_{secrets.token_hex(3)}"'
     )
-    printed = io.StringIO()
-    with ctx.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {})
-    feeds = {
-        "feature1": np.array([[1.0], [3.0]], np.float32),
-        "feature2": np.array([[2.0], [4.0]], np.float32),
-    }
-    expected = ort_run(repository / "fraud_detection" / "2.0.0" / "model.onnx", feeds)["fraud_probability"]
-    values = [float(v) for v in re.findall(r"\d+\.\d+", printed.getvalue())]
-    assert len(values) == 3 * 2, printed.getvalue()
+    values, printed = printed_numbers(code)
+    assert len(values) == 3 * 2, printed
     for i in range(3):
-        np.testing.assert_allclose(values[2 * i : 2 * i + 2], expected[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(values[2 * i : 2 * i + 2], fraud_expected(repository), rtol=1e-5)
